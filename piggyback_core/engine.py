@@ -1,0 +1,272 @@
+"""The engine: one resident backbone, any number of tasks, batches of one task or many.
+
+Per task the engine keeps only what the task file holds: packed masks (1 bit per weight, or 2 for
+ternary) on the device, the head and optional BatchNorm parameters. For each batch it sorts the
+requests into contiguous per-task segments and runs the backbone once under a
+:class:`~piggyback_core.masking.MaskPlan`: every masked layer computes each segment with that
+task's effective weight ``weight * unpack(mask)``, built on the fly (or taken from an optional LRU
+of materialised weights, bounded in bytes). Layers without masks (BatchNorm without per-task
+parameters, activations, pooling) run once over the whole batch.
+
+The shared backbone is never written, so concurrent batches from several threads are safe, and a
+batch holds the :class:`LoadedTask` objects it started with: replacing or removing a task while a
+batch runs does not affect that batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backbones import Backbone
+from .bitpack import MaskKind, unpack_binary, unpack_ternary
+from .errors import EngineError, TaskNotFoundError
+from .masking import NormParams, use_plan
+from .taskfile import TaskFile
+
+__all__ = ["Engine", "LoadedTask", "WeightCache", "apply_packed_mask"]
+
+
+def apply_packed_mask(weight: Tensor, packed: Tensor, kind: MaskKind) -> Tensor:
+    """``weight * mask`` for a packed mask, in ``weight``'s dtype and device (a new tensor)."""
+    if kind == "binary":
+        bits = unpack_binary(packed, weight.numel()).view(weight.shape)
+        return weight * bits.to(weight.dtype)
+    signs = unpack_ternary(packed, weight.numel()).view(weight.shape)
+    return weight * signs.to(weight.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedTask:
+    """A task as the engine holds it, on the engine's device. Immutable: replacing a task makes
+    a new one, and batches that hold the old one finish with it."""
+
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    mask_kind: MaskKind
+    masks: dict[str, Tensor] = field(repr=False)
+    head_weight: Tensor = field(repr=False)
+    head_bias: Tensor = field(repr=False)
+    norms: dict[str, NormParams] = field(repr=False)
+    file: TaskFile = field(repr=False)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Device bytes this task holds: packed masks, head and per-task BatchNorm."""
+        n = sum(t.nbytes for t in self.masks.values()) + self.head_weight.nbytes + self.head_bias.nbytes
+        return n + sum(t.nbytes for p in self.norms.values() for t in vars(p).values())
+
+
+class WeightCache:
+    """LRU of materialised per-task weights (``{key: weight * mask}``), bounded in bytes.
+
+    ``max_bytes=0`` disables it: effective weights then live only for the layer that uses them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, str], tuple[dict[str, Tensor], int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> dict[str, Tensor] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: tuple[str, str], weights: dict[str, Tensor]) -> None:
+        size = sum(t.nbytes for t in weights.values())
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            while self.bytes + size > self.max_bytes:
+                _, (_, freed) = self._entries.popitem(last=False)
+                self.bytes -= freed
+            self._entries[key] = (weights, size)
+            self.bytes += size
+
+    def evict(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == name]:
+                self.bytes -= self._entries.pop(key)[1]
+
+
+class _Plan:
+    """The MaskPlan of one forward pass: contiguous segments, one task each."""
+
+    def __init__(self, bounds: list[tuple[int, int]], tasks: list[LoadedTask], cache: WeightCache) -> None:
+        self.bounds = bounds
+        self.tasks = tasks
+        use_cache = cache.max_bytes > 0
+        self.cached = [cache.get((t.name, t.version)) if use_cache else None for t in tasks]
+        self.fresh: list[dict[str, Tensor] | None] = [
+            {} if use_cache and c is None else None for c in self.cached
+        ]
+
+    def weight(self, segment: int, key: str, weight: Tensor) -> Tensor:
+        cached = self.cached[segment]
+        if cached is not None:
+            return cached[key]
+        task = self.tasks[segment]
+        w = apply_packed_mask(weight, task.masks[key], task.mask_kind)
+        fresh = self.fresh[segment]
+        if fresh is not None:
+            fresh[key] = w
+        return w
+
+    def norm(self, segment: int, name: str) -> NormParams | None:
+        return self.tasks[segment].norms.get(name)
+
+
+class Engine:
+    """Runs batches of images for any of its tasks over one frozen backbone.
+
+    ``dtype`` defaults to float32; float16/bfloat16 need a CUDA device. ``cache_bytes`` bounds the
+    LRU of materialised task weights (0: none; each batch then builds the weights it needs)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_bytes: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
+        if dtype != torch.float32 and self.device.type != "cuda":
+            raise ValueError(f"{dtype} is for CUDA devices; on {self.device.type} use float32")
+        self.backbone = backbone
+        self.dtype = dtype
+        self.model = backbone.model.to(self.device, dtype).eval()
+        self.cache = WeightCache(cache_bytes)
+        self._tasks: dict[str, LoadedTask] = {}
+        self._lock = threading.Lock()
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    def add_task(self, task: TaskFile) -> LoadedTask:
+        """Check ``task`` against the backbone, move it to the device and (re)place it atomically.
+
+        Raises a TaskFileError (nothing changes) if the task does not fit this backbone."""
+        task.check_compatible(self.backbone)
+        loaded = LoadedTask(
+            name=task.name,
+            version=task.version,
+            labels=task.labels,
+            mask_kind=task.mask_kind,
+            masks={k: v.to(self.device) for k, v in task.masks.items()},
+            head_weight=task.head_weight.to(self.device, self.dtype),
+            head_bias=task.head_bias.to(self.device, self.dtype),
+            norms={
+                k: NormParams(*(t.to(self.device, self.dtype) for t in vars(p).values()))
+                for k, p in task.norms.items()
+            },
+            file=task,
+        )
+        with self._lock:
+            previous = self._tasks.get(task.name)
+            self._tasks[task.name] = loaded
+        if previous is not None:
+            self.cache.evict(task.name)
+        return loaded
+
+    def remove_task(self, name: str) -> LoadedTask:
+        with self._lock:
+            try:
+                removed = self._tasks.pop(name)
+            except KeyError:
+                raise TaskNotFoundError(task=name) from None
+        self.cache.evict(name)
+        return removed
+
+    def get_task(self, name: str) -> LoadedTask:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise TaskNotFoundError(task=name) from None
+
+    @property
+    def tasks(self) -> dict[str, LoadedTask]:
+        """A snapshot of the loaded tasks."""
+        with self._lock:
+            return dict(self._tasks)
+
+    @property
+    def resident_mask_bytes(self) -> int:
+        return sum(t.resident_bytes for t in self.tasks.values())
+
+    # --- running ------------------------------------------------------------------------------
+
+    def run(self, task: str | LoadedTask, images: Tensor) -> Tensor:
+        """Logits ``float32 [B, num_labels]`` of one task for a batch ``[B, 3, H, W]``."""
+        t = self.get_task(task) if isinstance(task, str) else task
+        self._check_images(images, 1)
+        return self._forward(images, [(0, images.shape[0], t)])[0]
+
+    def run_mixed(self, images: Tensor, tasks: Sequence[str | LoadedTask]) -> list[Tensor]:
+        """Logits for a batch whose row ``i`` is for ``tasks[i]``: one ``float32 [num_labels]``
+        tensor per row, in the order given."""
+        self._check_images(images, len(tasks))
+        resolved = [self.get_task(t) if isinstance(t, str) else t for t in tasks]
+        order: dict[int, list[int]] = {}  # first-seen task order; rows grouped by task object
+        by_id: dict[int, LoadedTask] = {}
+        for row, t in enumerate(resolved):
+            order.setdefault(id(t), []).append(row)
+            by_id[id(t)] = t
+        rows = [r for group in order.values() for r in group]
+        segments: list[tuple[int, int, LoadedTask]] = []
+        start = 0
+        for key, group in order.items():
+            segments.append((start, start + len(group), by_id[key]))
+            start += len(group)
+        permuted = (
+            images if rows == list(range(len(rows))) else images[torch.tensor(rows, device=images.device)]
+        )
+        per_segment = self._forward(permuted, segments)
+        out: list[Tensor] = [torch.empty(0)] * len(rows)
+        for (a, _, _), logits in zip(segments, per_segment, strict=True):
+            for j, row_logits in enumerate(logits):
+                out[rows[a + j]] = row_logits
+        return out
+
+    def _check_images(self, images: Tensor, n: int) -> None:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise EngineError(f"images must be a [B, 3, H, W] tensor, got {shape}")
+        if images.shape[0] == 0:
+            raise EngineError("empty batch")
+        if n != 1 and images.shape[0] != n:
+            raise EngineError(f"{images.shape[0]} images for {n} task names")
+        if not images.is_floating_point():
+            raise EngineError(f"images must be floating point, got {images.dtype}")
+
+    def _forward(self, images: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> list[Tensor]:
+        tasks = [t for _, _, t in segments]
+        plan = _Plan([(a, b) for a, b, _ in segments], tasks, self.cache)
+        x = images.to(self.device, self.dtype, non_blocking=True)
+        with torch.inference_mode(), use_plan(plan):
+            features = self.model(x)
+            logits = [F.linear(features[a:b], t.head_weight, t.head_bias).float() for a, b, t in segments]
+        for t, fresh in zip(tasks, plan.fresh, strict=True):
+            if fresh is not None and len(fresh) == len(t.masks):
+                self.cache.put((t.name, t.version), fresh)
+        return logits

@@ -1,0 +1,207 @@
+"""The mask store: where task files live, the source of truth that replicas share.
+
+:class:`MaskStore` is the interface; :class:`FileSystemStore` the default implementation, one file
+``<root>/<task>.safetensors`` per task. It is safe to share between processes and machines over a
+POSIX filesystem (a ReadWriteMany volume, NFS):
+
+* ``put`` is atomic: the bytes go to a temp file in the same directory, are fsync'ed, renamed over
+  the old file (``os.replace``) and the directory is fsync'ed. A process killed at any point leaves
+  the old version or the new one, never a torn file. Two writers of one name: the last rename wins.
+* ``snapshot`` costs one ``stat`` per task and returns a version token per task that changes with
+  every put (a rename always brings a new inode), so a replica notices another's changes by
+  comparing snapshots (:func:`diff_snapshots`) without reading any file.
+* Task names are validated before they are joined to any path.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StoreError, TaskNotFoundError
+from .names import TASK_NAME_PATTERN, validate_task_name
+
+__all__ = [
+    "FileSystemStore",
+    "MaskStore",
+    "StoreChanges",
+    "StoredTask",
+    "TaskBlob",
+    "diff_snapshots",
+]
+
+SUFFIX = ".safetensors"
+_TEMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class StoredTask:
+    name: str
+    version: str  # opaque; changes whenever the stored file changes
+    size: int
+
+
+@dataclass(frozen=True)
+class TaskBlob:
+    name: str
+    version: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StoreChanges:
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+
+def diff_snapshots(old: dict[str, str], new: dict[str, str]) -> StoreChanges:
+    """What changed between two :meth:`MaskStore.snapshot` results."""
+    return StoreChanges(
+        added=sorted(set(new) - set(old)),
+        changed=sorted(k for k in new if k in old and new[k] != old[k]),
+        removed=sorted(set(old) - set(new)),
+    )
+
+
+class MaskStore(ABC):
+    """Where task files live. Implementations must make ``put`` atomic."""
+
+    @abstractmethod
+    def put(self, name: str, data: bytes) -> StoredTask:
+        """Store ``data`` as task ``name``, replacing any previous version atomically."""
+
+    @abstractmethod
+    def get(self, name: str) -> TaskBlob:
+        """The bytes of task ``name`` and their version; TaskNotFoundError if absent."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove task ``name``; TaskNotFoundError if absent."""
+
+    @abstractmethod
+    def list(self) -> list[StoredTask]:
+        """Every stored task, sorted by name."""
+
+    def snapshot(self) -> dict[str, str]:
+        """``{name: version}`` of every stored task; cheap enough to poll."""
+        return {t.name: t.version for t in self.list()}
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.snapshot()
+
+
+def _version(st: os.stat_result) -> str:
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileSystemStore(MaskStore):
+    """Task files in one directory. Stale temp files (from writers killed mid-put) older than
+    ``stale_temp_after_s`` are removed when the store is opened."""
+
+    def __init__(self, root: str | Path, *, create: bool = True, stale_temp_after_s: float = 3600.0) -> None:
+        self.root = Path(root)
+        try:
+            if create:
+                self.root.mkdir(parents=True, exist_ok=True)
+            if not self.root.is_dir():
+                raise StoreError(f"store directory {str(self.root)!r} does not exist")
+        except OSError as exc:
+            raise StoreError(f"cannot open store directory {str(self.root)!r}: {exc.strerror}") from exc
+        self.remove_stale_temps(older_than_s=stale_temp_after_s)
+
+    def __repr__(self) -> str:
+        return f"FileSystemStore({str(self.root)!r})"
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{validate_task_name(name)}{SUFFIX}"
+
+    def put(self, name: str, data: bytes) -> StoredTask:
+        final = self._path(name)
+        tmp = self.root / f"{_TEMP_PREFIX}{name}-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            return StoredTask(name=name, version=_version(final.stat()), size=len(data))
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot store task {name!r}: {exc.strerror}") from exc
+
+    def get(self, name: str) -> TaskBlob:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                version = _version(os.fstat(f.fileno()))
+                data = f.read()
+        except FileNotFoundError:
+            raise TaskNotFoundError(task=name) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read task {name!r}: {exc.strerror}") from exc
+        return TaskBlob(name=name, version=version, data=data)
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+            _fsync_dir(self.root)
+        except FileNotFoundError:
+            raise TaskNotFoundError(task=name) from None
+        except OSError as exc:
+            raise StoreError(f"cannot delete task {name!r}: {exc.strerror}") from exc
+
+    def list(self) -> list[StoredTask]:
+        out: list[StoredTask] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError as exc:
+            raise StoreError(f"cannot list store {str(self.root)!r}: {exc.strerror}") from exc
+        for entry in entries:
+            stem = entry.name.removesuffix(SUFFIX)
+            if stem == entry.name or TASK_NAME_PATTERN.fullmatch(stem) is None:
+                continue  # temp files and anything foreign
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # deleted between scandir and stat
+                continue
+            out.append(StoredTask(name=stem, version=_version(st), size=st.st_size))
+        return sorted(out, key=lambda t: t.name)
+
+    def temp_files(self) -> builtins.list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.name.startswith(_TEMP_PREFIX))
+
+    def remove_stale_temps(self, *, older_than_s: float) -> int:
+        """Remove temp files left by killed writers; returns how many were removed."""
+        removed = 0
+        now = time.time()
+        for p in self.temp_files():
+            try:
+                if now - p.stat().st_mtime >= older_than_s:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

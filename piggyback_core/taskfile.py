@@ -1,0 +1,495 @@
+"""The task file: one task in one ``.safetensors`` file (format version 1). No pickle anywhere.
+
+Tensors
+    ``mask/<key>``    uint8, flat: the packed mask of the backbone parameter ``<key>`` (e.g.
+                      ``mask/layer1.0.conv1.weight``); bit order in :mod:`piggyback_core.bitpack`
+    ``head/weight``   float ``[num_labels, feature_dim]``; ``head/bias`` float ``[num_labels]``
+    ``bn/<module>/{weight,bias,running_mean,running_var}``  optional per-task BatchNorm, float ``[C]``
+
+Metadata (safetensors header strings)
+    ``format`` = ``piggyback-task``, ``format_version`` = ``1``, ``task``, ``labels`` (JSON list),
+    ``backbone`` (architecture), ``fingerprint`` (of the backbone weights), ``mask_kind``
+    (``binary``/``ternary``), ``threshold``, ``bit_order``, ``layers`` (JSON: key -> shape and
+    density), ``density`` (kept fraction over all masked weights), ``provenance`` (JSON: dataset,
+    method, epochs, accuracy, date, ...), ``data_sha256`` (SHA-256 of the tensor data section).
+
+A task's **version** is a hash of its canonical (key-sorted) metadata, so it changes with any
+change to the tensors (through ``data_sha256``) or the metadata, and is the same however the
+header happens to be ordered.
+
+:meth:`TaskFile.from_bytes` checks that a file is complete and consistent in itself;
+:meth:`TaskFile.check_compatible` checks that it fits a given backbone. Each problem raises its own
+:class:`~piggyback_core.errors.TaskFileError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from .bitpack import MASK_KINDS, MaskKind, count_nonzero_packed, pack_mask, validate_packed
+from .errors import (
+    BackboneMismatchError,
+    FingerprintMismatchError,
+    InvalidTaskNameError,
+    LabelsError,
+    MissingTensorError,
+    TaskFileFormatError,
+    TaskFileVersionError,
+    TensorDtypeError,
+    TensorShapeError,
+    UnexpectedTensorError,
+)
+from .masking import DEFAULT_THRESHOLD, NormParams
+from .names import validate_task_name
+
+if TYPE_CHECKING:
+    from .backbones import Backbone
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
+    "LayerInfo",
+    "TaskFile",
+]
+
+FORMAT_NAME = "piggyback-task"
+FORMAT_VERSION = "1"
+BIT_ORDER = "row-major, lsb-first"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NORM_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    shape: tuple[int, ...]
+    density: float
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TaskFile:
+    """One task, validated in itself. Build with :meth:`create` or :meth:`from_bytes`."""
+
+    name: str
+    labels: tuple[str, ...]
+    backbone: str
+    fingerprint: str
+    mask_kind: MaskKind
+    threshold: float
+    layers: dict[str, LayerInfo]
+    masks: dict[str, Tensor] = field(repr=False)
+    head_weight: Tensor = field(repr=False)
+    head_bias: Tensor = field(repr=False)
+    norms: dict[str, NormParams] = field(default_factory=dict, repr=False)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    version: str = ""  # hash of the canonical metadata (which holds the data checksum); set on read
+
+    # --- derived figures ----------------------------------------------------------------------
+
+    @property
+    def num_masked_weights(self) -> int:
+        return sum(info.numel for info in self.layers.values())
+
+    @property
+    def mask_nbytes(self) -> int:
+        return sum(t.numel() for t in self.masks.values())
+
+    @property
+    def head_nbytes(self) -> int:
+        return self.head_weight.nbytes + self.head_bias.nbytes
+
+    @property
+    def density(self) -> float:
+        """Fraction of masked weights the mask keeps (non-zero entries)."""
+        total = self.num_masked_weights
+        return sum(i.density * i.numel for i in self.layers.values()) / total if total else 1.0
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Mask bits stored per masked backbone weight (1 for binary, 2 for ternary, plus padding)."""
+        return 8 * self.mask_nbytes / self.num_masked_weights if self.num_masked_weights else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The metadata as plain JSON values (what ``inspect --json`` and ``GET /tasks`` show)."""
+        return {
+            "task": self.name,
+            "version": self.version,
+            "labels": list(self.labels),
+            "num_labels": len(self.labels),
+            "backbone": self.backbone,
+            "fingerprint": self.fingerprint,
+            "mask_kind": self.mask_kind,
+            "threshold": self.threshold,
+            "bits_per_parameter": self.bits_per_parameter,
+            "density": self.density,
+            "masked_out": 1.0 - self.density,
+            "num_masked_weights": self.num_masked_weights,
+            "mask_bytes": self.mask_nbytes,
+            "head_bytes": self.head_nbytes,
+            "per_task_batchnorm": sorted(self.norms),
+            "layers": {k: {"shape": list(v.shape), "density": v.density} for k, v in self.layers.items()},
+            "provenance": self.provenance,
+            "format_version": FORMAT_VERSION,
+        }
+
+    # --- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        name: str,
+        labels: list[str] | tuple[str, ...],
+        backbone: Backbone,
+        masks: Mapping[str, Tensor],
+        head_weight: Tensor,
+        head_bias: Tensor,
+        mask_kind: MaskKind = "binary",
+        threshold: float = DEFAULT_THRESHOLD,
+        norms: Mapping[str, NormParams] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> TaskFile:
+        """A task for ``backbone`` from unpacked masks (bool or 0/1 for binary, -1/0/1 for ternary)."""
+        validate_task_name(name)
+        packed: dict[str, Tensor] = {}
+        layers: dict[str, LayerInfo] = {}
+        for key, shape in backbone.mask_shapes.items():
+            if key not in masks:
+                raise MissingTensorError(names=[f"mask/{key}"], task=name)
+            m = masks[key].detach().to("cpu")
+            if tuple(m.shape) != shape:
+                raise TensorShapeError(
+                    f"mask for {key} has shape {tuple(m.shape)}, expected {shape}", name=key
+                )
+            packed[key] = pack_mask(m, mask_kind)
+            layers[key] = LayerInfo(shape, float((m != 0).sum()) / max(m.numel(), 1))
+        extra = sorted(set(masks) - set(backbone.mask_shapes))
+        if extra:
+            raise UnexpectedTensorError(names=[f"mask/{k}" for k in extra], task=name)
+        prov = {"created": datetime.now(UTC).isoformat(timespec="seconds"), **(provenance or {})}
+        task = cls(
+            name=name,
+            labels=tuple(labels),
+            backbone=backbone.arch,
+            fingerprint=backbone.fingerprint,
+            mask_kind=mask_kind,
+            threshold=float(threshold),
+            layers=layers,
+            masks=packed,
+            head_weight=head_weight.detach().to("cpu", torch.float32).contiguous(),
+            head_bias=head_bias.detach().to("cpu", torch.float32).contiguous(),
+            norms={
+                k: NormParams(
+                    *(getattr(v, f).detach().to("cpu", torch.float32).contiguous() for f in _NORM_FIELDS)
+                )
+                for k, v in (norms or {}).items()
+            },
+            provenance=prov,
+        )
+        # Round-trip through the reader: what we write is exactly what we would accept.
+        return cls.from_bytes(task.to_bytes())
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        tensors: dict[str, Tensor] = {f"mask/{k}": v for k, v in self.masks.items()}
+        tensors["head/weight"] = self.head_weight
+        tensors["head/bias"] = self.head_bias
+        for module, p in self.norms.items():
+            for f in _NORM_FIELDS:
+                tensors[f"bn/{module}/{f}"] = getattr(p, f)
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "task": self.name,
+            "labels": json.dumps(list(self.labels)),
+            "backbone": self.backbone,
+            "fingerprint": self.fingerprint,
+            "mask_kind": self.mask_kind,
+            "threshold": repr(self.threshold),
+            "bit_order": BIT_ORDER,
+            "layers": json.dumps(
+                {k: {"shape": list(v.shape), "density": v.density} for k, v in self.layers.items()}
+            ),
+            "density": repr(self.density),
+            "provenance": json.dumps(self.provenance),
+        }
+        # The checksum covers the data section, which does not depend on the header: serialise
+        # once to learn it, then again with it in the metadata (the data section is identical).
+        draft = st_save(tensors, metadata=metadata)
+        metadata["data_sha256"] = hashlib.sha256(draft[8 + int.from_bytes(draft[:8], "little") :]).hexdigest()
+        return st_save(tensors, metadata=metadata)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> TaskFile:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise TaskFileFormatError(f"cannot read task file {str(path)!r}: {exc.strerror}") from exc
+        return cls.from_bytes(data)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TaskFile:
+        """Parse and validate a task file; raise one TaskFileError naming the first problem."""
+        meta = _read_metadata(data)
+        task = meta["task"]
+        try:
+            tensors = st_load(data)
+        except SafetensorError as exc:
+            raise TaskFileFormatError(f"not a valid safetensors file: {exc}", task=task) from exc
+        data_start = 8 + int.from_bytes(data[:8], "little")
+        if hashlib.sha256(data[data_start:]).hexdigest() != meta["data_sha256"]:
+            raise TaskFileFormatError(
+                "tensor data does not match its checksum: the file is corrupt", task=task
+            )
+        labels = _parse_labels(meta["labels"], task)
+        mask_kind = meta["mask_kind"]
+        if mask_kind not in MASK_KINDS:
+            raise TaskFileFormatError(f"unknown mask kind {mask_kind!r}", task=task)
+        threshold = _parse_float(meta["threshold"], "threshold", task)
+        layers = _parse_layers(meta["layers"], task)
+
+        masks: dict[str, Tensor] = {}
+        norm_parts: dict[str, dict[str, Tensor]] = {}
+        unexpected: list[str] = []
+        for tname, t in tensors.items():
+            kind, _, rest = tname.partition("/")
+            if kind == "mask" and rest in layers:
+                masks[rest] = t
+            elif kind == "bn" and rest.rpartition("/")[2] in _NORM_FIELDS and rest.rpartition("/")[0]:
+                module, _, f = rest.rpartition("/")
+                norm_parts.setdefault(module, {})[f] = t
+            elif tname not in ("head/weight", "head/bias"):
+                unexpected.append(tname)
+        if unexpected:
+            raise UnexpectedTensorError(names=sorted(unexpected), task=task)
+        missing = [f"mask/{k}" for k in layers if k not in masks]
+        missing += [n for n in ("head/weight", "head/bias") if n not in tensors]
+        missing += [f"bn/{m}/{f}" for m, parts in norm_parts.items() for f in _NORM_FIELDS if f not in parts]
+        if missing:
+            raise MissingTensorError(names=missing, task=task)
+
+        kept_total = 0
+        for key, info in layers.items():
+            problem = validate_packed(masks[key], info.numel, mask_kind)
+            if problem is not None:
+                if masks[key].dtype != torch.uint8:
+                    raise TensorDtypeError(
+                        name=f"mask/{key}", expected="uint8", actual=str(masks[key].dtype), task=task
+                    )
+                raise TensorShapeError(f"mask/{key}: {problem}", name=f"mask/{key}", task=task)
+            kept = count_nonzero_packed(masks[key], mask_kind)
+            if kept != round(info.density * info.numel):
+                raise TaskFileFormatError(
+                    f"metadata says mask/{key} keeps {info.density:.6f} of its weights, but its bits keep "
+                    f"{kept / max(info.numel, 1):.6f}: the file is corrupt",
+                    task=task,
+                )
+            kept_total += kept
+
+        head_w, head_b = tensors["head/weight"], tensors["head/bias"]
+        _check_float("head/weight", head_w, task)
+        _check_float("head/bias", head_b, task)
+        if head_w.dim() != 2 or head_b.dim() != 1 or head_b.shape[0] != head_w.shape[0]:
+            raise TensorShapeError(
+                f"head has weight {tuple(head_w.shape)} and bias {tuple(head_b.shape)}; expected "
+                "[num_labels, features] and [num_labels]",
+                name="head/weight",
+                task=task,
+            )
+        if head_w.shape[0] != len(labels):
+            raise LabelsError(f"{len(labels)} labels for a head of {head_w.shape[0]} outputs", task=task)
+
+        norms: dict[str, NormParams] = {}
+        for module, parts in norm_parts.items():
+            sizes = {tuple(parts[f].shape) for f in _NORM_FIELDS}
+            for f in _NORM_FIELDS:
+                _check_float(f"bn/{module}/{f}", parts[f], task)
+            if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+                raise TensorShapeError(
+                    f"bn/{module}: tensors of shapes {sorted(sizes)}", name=module, task=task
+                )
+            if bool((parts["running_var"] < 0).any()):
+                raise TaskFileFormatError(f"bn/{module}/running_var has negative entries", task=task)
+            norms[module] = NormParams(*(parts[f] for f in _NORM_FIELDS))
+
+        return cls(
+            name=task,
+            labels=labels,
+            backbone=meta["backbone"],
+            fingerprint=meta["fingerprint"],
+            mask_kind=mask_kind,
+            threshold=threshold,
+            layers=layers,
+            masks=masks,
+            head_weight=head_w,
+            head_bias=head_b,
+            norms=norms,
+            provenance=_parse_json(meta.get("provenance", "{}"), "provenance", dict, task),
+            version=hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16],
+        )
+
+    # --- fitting a backbone -------------------------------------------------------------------
+
+    def check_compatible(self, backbone: Backbone) -> None:
+        """Raise unless this task can be served by ``backbone`` exactly as it was trained."""
+        if self.backbone != backbone.arch:
+            raise BackboneMismatchError(expected=backbone.arch, actual=self.backbone, task=self.name)
+        if self.fingerprint != backbone.fingerprint:
+            raise FingerprintMismatchError(
+                expected=backbone.fingerprint, actual=self.fingerprint, task=self.name
+            )
+        missing = [f"mask/{k}" for k in backbone.mask_shapes if k not in self.layers]
+        if missing:
+            raise MissingTensorError(names=missing, task=self.name)
+        extra = [f"mask/{k}" for k in self.layers if k not in backbone.mask_shapes]
+        extra += [f"bn/{m}" for m in self.norms if m not in backbone.norm_sizes]
+        if extra:
+            raise UnexpectedTensorError(names=extra, task=self.name)
+        for key, shape in backbone.mask_shapes.items():
+            if self.layers[key].shape != shape:
+                raise TensorShapeError(
+                    f"mask/{key} is for shape {self.layers[key].shape}, the backbone's weight is {shape}",
+                    name=f"mask/{key}",
+                    task=self.name,
+                )
+        if self.head_weight.shape[1] != backbone.feature_dim:
+            raise TensorShapeError(
+                f"head takes {self.head_weight.shape[1]} features, the backbone gives {backbone.feature_dim}",
+                name="head/weight",
+                task=self.name,
+            )
+        for module, p in self.norms.items():
+            expected = backbone.norm_sizes[module]
+            if p.weight.shape[0] != expected:
+                raise TensorShapeError(
+                    f"bn/{module} has {p.weight.shape[0]} channels, the backbone's has {expected}",
+                    name=f"bn/{module}",
+                    task=self.name,
+                )
+
+
+# --- parsing helpers -----------------------------------------------------------------------------
+
+_REQUIRED_METADATA = (
+    "task", "labels", "backbone", "fingerprint", "mask_kind", "threshold", "layers", "data_sha256",
+)  # fmt: skip
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TaskFileFormatError("a task file is bytes")
+    if len(data) < 8:
+        raise TaskFileFormatError(f"not a task file: {len(data)} bytes, too short for a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise TaskFileFormatError(f"not a task file: header claims {n} bytes (limit {MAX_HEADER_BYTES})")
+    if 8 + n > len(data):
+        raise TaskFileFormatError(f"truncated task file: header claims {n} bytes, file has {len(data) - 8}")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TaskFileFormatError(f"not a task file: header is not JSON ({exc})") from exc
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise TaskFileFormatError("not a task file: no safetensors metadata")
+    if meta.get("format") != FORMAT_NAME:
+        raise TaskFileFormatError(
+            f"not a task file: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}"
+        )
+    task = meta.get("task")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise TaskFileVersionError(
+            found=str(meta.get("format_version")),
+            supported=FORMAT_VERSION,
+            task=task if isinstance(task, str) else None,
+        )
+    absent = [k for k in _REQUIRED_METADATA if k not in meta]
+    if absent:
+        raise TaskFileFormatError(f"task file metadata lacks {', '.join(absent)}")
+    try:
+        validate_task_name(task)
+    except InvalidTaskNameError as exc:
+        raise TaskFileFormatError(f"task file names an invalid task: {exc}") from exc
+    return meta
+
+
+def _parse_json(raw: str, what: str, kind: type, task: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise TaskFileFormatError(f"metadata {what!r} is not JSON: {exc}", task=task) from exc
+    if not isinstance(value, kind):
+        raise TaskFileFormatError(f"metadata {what!r} is not a JSON {kind.__name__}", task=task)
+    return value
+
+
+def _parse_float(raw: str, what: str, task: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise TaskFileFormatError(f"metadata {what!r} is not a number: {raw!r}", task=task) from None
+    if not math.isfinite(value):
+        raise TaskFileFormatError(f"metadata {what!r} is not finite", task=task)
+    return value
+
+
+def _parse_labels(raw: str, task: str) -> tuple[str, ...]:
+    labels = _parse_json(raw, "labels", list, task)
+    if not labels or not all(isinstance(x, str) and x for x in labels):
+        raise LabelsError("labels must be a non-empty JSON list of non-empty strings", task=task)
+    if len(set(labels)) != len(labels):
+        raise LabelsError("labels must be unique", task=task)
+    return tuple(labels)
+
+
+def _parse_layers(raw: str, task: str) -> dict[str, LayerInfo]:
+    layers = _parse_json(raw, "layers", dict, task)
+    out: dict[str, LayerInfo] = {}
+    for key, info in layers.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        density = info.get("density") if isinstance(info, dict) else None
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or not all(isinstance(d, int) and 0 < d < 2**31 for d in shape)
+            or not isinstance(density, int | float)
+            or not 0.0 <= density <= 1.0
+        ):
+            raise TaskFileFormatError(f"metadata 'layers' entry {key!r} is malformed", task=task)
+        out[key] = LayerInfo(tuple(shape), float(density))
+    if not out:
+        raise TaskFileFormatError("metadata 'layers' lists no masked layer", task=task)
+    return out
+
+
+def _check_float(name: str, t: Tensor, task: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TensorDtypeError(
+            name=name, expected="float32, float16 or bfloat16", actual=str(t.dtype), task=task
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise TaskFileFormatError(f"tensor {name!r} holds non-finite values", task=task)

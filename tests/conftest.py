@@ -1,0 +1,81 @@
+"""Shared fixtures: small real things (a real resnet18 with random weights, real task files)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from piggyback_core import Backbone, MaskKind, TaskFile, load_backbone
+
+
+def random_masks(
+    backbone: Backbone, *, kind: str = "binary", keep: float = 0.8, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random masks over every masked weight of ``backbone`` (kept with probability ``keep``)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in backbone.mask_shapes.items():
+        u = torch.rand(shape, generator=g)
+        if kind == "binary":
+            out[key] = u < keep
+        else:  # ternary: keep/2 each of +1 and -1 beyond... mostly +1, some -1, some 0
+            m = torch.zeros(shape, dtype=torch.int8)
+            m[u < keep] = 1
+            m[u < 0.1] = -1
+            out[key] = m
+    return out
+
+
+def make_task(
+    backbone: Backbone,
+    name: str = "demo",
+    *,
+    num_labels: int = 5,
+    kind: MaskKind = "binary",
+    seed: int = 0,
+    keep: float = 0.8,
+    norms: bool = False,
+) -> TaskFile:
+    """A real task file for ``backbone`` with random masks, head and (optionally) BatchNorm."""
+    from piggyback_core import NormParams
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    norm_params = {}
+    if norms:
+        for module, c in backbone.norm_sizes.items():
+            norm_params[module] = NormParams(
+                weight=1 + 0.1 * torch.randn(c, generator=g),
+                bias=0.1 * torch.randn(c, generator=g),
+                running_mean=0.1 * torch.randn(c, generator=g),
+                running_var=1 + torch.rand(c, generator=g),
+            )
+    return TaskFile.create(
+        name=name,
+        labels=[f"class-{i}" for i in range(num_labels)],
+        backbone=backbone,
+        masks=random_masks(backbone, kind=kind, keep=keep, seed=seed),
+        head_weight=0.05 * torch.randn(num_labels, backbone.feature_dim, generator=g),
+        head_bias=0.05 * torch.randn(num_labels, generator=g),
+        mask_kind=kind,
+        norms=norm_params,
+        provenance={"dataset": "synthetic", "method": "test"},
+    )
+
+
+TaskFactory = Callable[..., TaskFile]
+
+
+@pytest.fixture(scope="session")
+def resnet18() -> Backbone:
+    return load_backbone("resnet18", weights="random", seed=0)
+
+
+@pytest.fixture
+def task_factory(resnet18: Backbone) -> TaskFactory:
+    def factory(name: str = "demo", **kwargs: Any) -> TaskFile:
+        return make_task(resnet18, name, **kwargs)
+
+    return factory

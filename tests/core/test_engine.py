@@ -1,0 +1,199 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from piggyback_core import (
+    Backbone,
+    Engine,
+    EngineError,
+    TaskFile,
+    TaskNotFoundError,
+    get_backbone_spec,
+    list_backbones,
+    load_backbone,
+)
+from tests.conftest import make_task
+
+
+def _unpack_reference(task: TaskFile, key: str) -> torch.Tensor:
+    """The slow, obviously-correct mask: numpy's own unpacking, independent of bitpack.py."""
+    info = task.layers[key]
+    raw = task.masks[key].numpy()
+    if task.mask_kind == "binary":
+        bits = np.unpackbits(raw, bitorder="little")[: info.numel].astype(np.float32)
+    else:
+        pairs = np.unpackbits(raw, bitorder="little").reshape(-1, 2)[: info.numel]
+        bits = pairs[:, 0].astype(np.float32) - pairs[:, 1].astype(np.float32)
+    return torch.from_numpy(bits.reshape(info.shape))
+
+
+def reference_model(arch: str, seed: int, task: TaskFile) -> nn.Module:
+    """Plain torchvision ``arch`` with its weights multiplied by the task's mask in plain PyTorch."""
+    spec = get_backbone_spec(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(arch, weights=None)
+    state = model.state_dict()
+    for key in task.layers:
+        state[key] = state[key] * _unpack_reference(task, key)
+    for module, p in task.norms.items():
+        for field in ("weight", "bias", "running_mean", "running_var"):
+            state[f"{module}.{field}"] = getattr(p, field)
+    head = nn.Linear(task.head_weight.shape[1], task.head_weight.shape[0])
+    parent, _, attr = spec.head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, head)
+    state[f"{spec.head}.weight"], state[f"{spec.head}.bias"] = task.head_weight, task.head_bias
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _input(arch: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    size = 224 if arch.startswith("vit") else 64
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_logits_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = expected.abs().max().item() + 1e-6
+    torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", list_backbones())
+def test_engine_equals_torchvision_with_weights_multiplied_by_the_mask(arch: str) -> None:
+    backbone = load_backbone(arch, weights="random", seed=0)
+    task = make_task(backbone, "t", num_labels=7, keep=0.9)
+    expected_model = reference_model(arch, 0, task)
+    engine = Engine(backbone)
+    engine.add_task(task)
+    x = _input(arch)
+    with torch.inference_mode():
+        expected = expected_model(x)
+    got = engine.run("t", x)
+    assert got.shape == (2, 7) and got.dtype == torch.float32
+    _assert_logits_close(got, expected)
+
+
+@pytest.mark.parametrize("kind,norms", [("ternary", False), ("binary", True), ("ternary", True)])
+def test_engine_equals_reference_for_ternary_masks_and_per_task_batchnorm(
+    resnet18, kind: str, norms: bool
+) -> None:
+    task = make_task(resnet18, "t", kind=kind, norms=norms, seed=5)
+    engine = Engine(resnet18)
+    engine.add_task(task)
+    x = _input("resnet18", batch=3)
+    with torch.inference_mode():
+        expected = reference_model("resnet18", 0, task)(x)
+    _assert_logits_close(engine.run("t", x), expected)
+
+
+def test_mixed_task_batch_equals_the_same_requests_run_task_by_task(resnet18: Backbone) -> None:
+    engine = Engine(resnet18)
+    tasks = [
+        make_task(resnet18, "a", num_labels=3, seed=1),
+        make_task(resnet18, "b", num_labels=4, kind="ternary", seed=2),
+        make_task(resnet18, "c", num_labels=5, norms=True, seed=3),
+    ]
+    for t in tasks:
+        engine.add_task(t)
+    order = ["b", "a", "c", "a", "b", "c", "c", "a"]
+    x = _input("resnet18", batch=len(order), seed=9)
+    mixed = engine.run_mixed(x, order)
+    assert [row.shape[0] for row in mixed] == [{"a": 3, "b": 4, "c": 5}[n] for n in order]
+    for name in "abc":
+        rows = [i for i, n in enumerate(order) if n == name]
+        alone = engine.run(name, x[rows])
+        for j, i in enumerate(rows):
+            _assert_logits_close(mixed[i], alone[j])
+
+
+def test_weight_cache_gives_identical_results_and_stays_within_its_byte_bound(resnet18: Backbone) -> None:
+    one_task_bytes = sum(m.weight.nbytes for m in resnet18.masked)
+    cached = Engine(resnet18, cache_bytes=int(one_task_bytes * 1.5))
+    plain = Engine(resnet18)
+    for seed, name in enumerate("ab"):
+        cached.add_task(make_task(resnet18, name, seed=seed))
+        plain.add_task(make_task(resnet18, name, seed=seed))
+    x = _input("resnet18", batch=2)
+    for name in ["a", "a", "b", "a", "b"]:
+        assert torch.equal(cached.run(name, x), plain.run(name, x))
+        assert cached.cache.bytes <= cached.cache.max_bytes
+    assert cached.cache.hits >= 1 and cached.cache.bytes == one_task_bytes  # room for one task only
+    cached.remove_task("b")
+    cached.remove_task("a")
+    assert cached.cache.bytes == 0
+
+
+def test_packed_masks_stay_resident_not_float_copies(resnet18: Backbone) -> None:
+    engine = Engine(resnet18)
+    loaded = engine.add_task(make_task(resnet18, "a", num_labels=10))
+    mask_bytes = sum(t.nbytes for t in loaded.masks.values())
+    assert mask_bytes == sum((n + 7) // 8 for n in (m.weight.numel() for m in resnet18.masked))
+    assert engine.resident_mask_bytes == mask_bytes + (10 * 512 + 10) * 4
+
+
+def test_a_batch_holding_the_old_version_finishes_with_it_after_replacement(resnet18: Backbone) -> None:
+    engine = Engine(resnet18)
+    old = engine.add_task(make_task(resnet18, "a", seed=1))
+    x = _input("resnet18", batch=2)
+    before = engine.run("a", x)
+    new = engine.add_task(make_task(resnet18, "a", seed=2))
+    assert new.version != old.version and engine.get_task("a") is new
+    assert torch.equal(engine.run(old, x), before)
+    assert not torch.equal(engine.run("a", x), before)
+    engine.remove_task("a")
+    assert torch.equal(engine.run_mixed(x, [old, old])[1], before[1])
+    with pytest.raises(TaskNotFoundError, match="no task named 'a'"):
+        engine.run("a", x)
+
+
+def test_concurrent_batches_from_many_threads_match_sequential_results(resnet18: Backbone) -> None:
+    engine = Engine(resnet18)
+    for seed, name in enumerate("abc"):
+        engine.add_task(make_task(resnet18, name, seed=seed))
+    inputs = {name: _input("resnet18", batch=2, seed=i) for i, name in enumerate("abc")}
+    expected = {name: engine.run(name, inputs[name]) for name in "abc"}
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        try:
+            for _ in range(3):
+                assert torch.equal(engine.run(name, inputs[name]), expected[name])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in "abcabc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_shared_backbone_weights_are_never_written_by_serving(resnet18: Backbone) -> None:
+    before = {k: v.clone() for k, v in resnet18.model.state_dict().items()}
+    engine = Engine(resnet18, cache_bytes=10**9)
+    engine.add_task(make_task(resnet18, "a", norms=True, kind="ternary"))
+    engine.run_mixed(_input("resnet18", batch=2), ["a", "a"])
+    for k, v in resnet18.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_bad_batches_are_refused_with_engine_errors(resnet18: Backbone) -> None:
+    engine = Engine(resnet18)
+    engine.add_task(make_task(resnet18, "a"))
+    with pytest.raises(EngineError, match=r"\[B, 3, H, W\]"):
+        engine.run("a", torch.zeros(3, 32, 32))
+    with pytest.raises(EngineError, match="empty batch"):
+        engine.run("a", torch.zeros(0, 3, 32, 32))
+    with pytest.raises(EngineError, match="3 images for 2 task names"):
+        engine.run_mixed(torch.zeros(3, 3, 32, 32), ["a", "a"])
+    with pytest.raises(EngineError, match="floating point"):
+        engine.run("a", torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_half_precision_is_refused_on_cpu(resnet18: Backbone) -> None:
+    with pytest.raises(ValueError, match="for CUDA devices"):
+        Engine(resnet18, dtype=torch.float16)

@@ -7,7 +7,6 @@ the mask store and the engine. See README.md for the design.
 from .backbones import (
     Backbone,
     BackboneSpec,
-    Preprocessing,
     fingerprint_state_dict,
     get_backbone_spec,
     list_backbones,
@@ -25,12 +24,17 @@ from .bitpack import (
     unpack_mask,
     unpack_ternary,
 )
+from .data import ImageFolderDataset, ShardedBatchSampler, train_transform
 from .engine import Engine, LoadedTask, WeightCache, apply_packed_mask
 from .errors import (
     BackboneError,
     BackboneMismatchError,
+    DatasetError,
     EngineError,
     FingerprintMismatchError,
+    ImageDecodeError,
+    ImageError,
+    ImageTooLargeError,
     InvalidTaskNameError,
     LabelsError,
     MissingTensorError,
@@ -46,6 +50,8 @@ from .errors import (
     UnknownBackboneError,
     WeightsError,
 )
+from .evaluate import ClassReport, EvalReport, Prediction, evaluate, evaluate_task, predictions_from_logits
+from .images import DEFAULT_MAX_PIXELS, Preprocessing, decode_image, open_image
 from .masking import (
     DEFAULT_SCORE_INIT,
     DEFAULT_THRESHOLD,
@@ -70,10 +76,12 @@ from .masking import (
 from .names import TASK_NAME_PATTERN, validate_task_name
 from .store import FileSystemStore, MaskStore, StoreChanges, StoredTask, TaskBlob, diff_snapshots
 from .taskfile import FORMAT_VERSION, LayerInfo, TaskFile
+from .trainer import EpochLog, TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DEFAULT_SCORE_INIT",
     "DEFAULT_THRESHOLD",
     "FORMAT_VERSION",
@@ -83,10 +91,18 @@ __all__ = [
     "BackboneError",
     "BackboneMismatchError",
     "BackboneSpec",
+    "ClassReport",
+    "DatasetError",
+    "EpochLog",
+    "EvalReport",
     "Engine",
     "EngineError",
     "FileSystemStore",
+    "ImageFolderDataset",
     "FingerprintMismatchError",
+    "ImageDecodeError",
+    "ImageError",
+    "ImageTooLargeError",
     "InvalidTaskNameError",
     "LabelsError",
     "LayerInfo",
@@ -101,7 +117,9 @@ __all__ = [
     "MissingTensorError",
     "NormParams",
     "PiggybackError",
+    "Prediction",
     "Preprocessing",
+    "ShardedBatchSampler",
     "StoreChanges",
     "StoreError",
     "StoredTask",
@@ -113,6 +131,8 @@ __all__ = [
     "TaskFileVersionError",
     "TaskNotFoundError",
     "TensorDtypeError",
+    "TrainConfig",
+    "TrainResult",
     "TensorShapeError",
     "UnexpectedTensorError",
     "UnknownBackboneError",
@@ -123,7 +143,10 @@ __all__ = [
     "attach_scores",
     "binarize",
     "convert_to_masked",
+    "decode_image",
     "diff_snapshots",
+    "evaluate",
+    "evaluate_task",
     "fingerprint_state_dict",
     "get_backbone_spec",
     "init_scores",
@@ -131,14 +154,18 @@ __all__ = [
     "list_backbones",
     "load_backbone",
     "mask_from_scores",
+    "open_image",
     "masked_conv2d",
     "masked_linear",
     "pack_binary",
     "pack_mask",
     "pack_ternary",
     "packed_nbytes",
+    "predictions_from_logits",
     "register_backbone",
     "ternarize",
+    "train",
+    "train_transform",
     "unpack_binary",
     "unpack_mask",
     "unpack_ternary",

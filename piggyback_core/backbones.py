@@ -31,58 +31,21 @@ from typing import Any
 
 import torch
 import torchvision
-from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from .errors import UnknownBackboneError, WeightsError
+from .images import Preprocessing
 from .masking import MaskedParam, TaskBatchNorm2d, convert_to_masked
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "Backbone",
     "BackboneSpec",
-    "Preprocessing",
     "fingerprint_state_dict",
     "get_backbone_spec",
     "list_backbones",
     "load_backbone",
     "register_backbone",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize (shorter side), center crop, scale to [0, 1], normalise: torchvision's
-    ``ImageClassification`` transform, as a value that the server and ``eval`` share."""
-
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    @classmethod
-    def from_torchvision(cls, transform: Any) -> Preprocessing:
-        return cls(
-            resize_size=int(transform.resize_size[0]),
-            crop_size=int(transform.crop_size[0]),
-            mean=tuple(transform.mean),
-            std=tuple(transform.std),
-            interpolation=InterpolationMode(transform.interpolation).value,
-        )
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        """A ``float32 [3, crop, crop]`` tensor from an RGB PIL image."""
-        img = TF.resize(image, [self.resize_size], InterpolationMode(self.interpolation), antialias=True)
-        img = TF.center_crop(img, [self.crop_size])
-        x = TF.pil_to_tensor(img).to(torch.float32).div_(255.0)
-        return TF.normalize(x, list(self.mean), list(self.std))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@
     │   ├── TensorDtypeError          a tensor of the wrong dtype
     │   ├── TensorShapeError          a tensor of the wrong shape or byte count, or invalid packed bits
     │   └── LabelsError               labels that are not a list of strings matching the head's rows
+    ├── ImageError                    an image that cannot be classified
+    │   ├── ImageDecodeError          not an image, or a corrupt or unsupported one
+    │   └── ImageTooLargeError        more pixels than allowed (a decompression bomb)
+    ├── DatasetError                  a training or evaluation folder that cannot be used
     ├── StoreError                    the store could not complete an operation
     │   └── TaskNotFoundError         no such task (in the store or in the engine)
     └── EngineError                   a batch the engine cannot run (bad input shape, empty batch)
@@ -28,8 +32,12 @@ from __future__ import annotations
 __all__ = [
     "BackboneError",
     "BackboneMismatchError",
+    "DatasetError",
     "EngineError",
     "FingerprintMismatchError",
+    "ImageDecodeError",
+    "ImageError",
+    "ImageTooLargeError",
     "InvalidTaskNameError",
     "LabelsError",
     "MissingTensorError",
@@ -153,6 +161,25 @@ class TensorShapeError(TaskFileError):
 
 
 class LabelsError(TaskFileError):
+    pass
+
+
+class ImageError(PiggybackError):
+    pass
+
+
+class ImageDecodeError(ImageError):
+    pass
+
+
+class ImageTooLargeError(ImageError):
+    def __init__(self, *, pixels: int, limit: int) -> None:
+        self.pixels = pixels
+        self.limit = limit
+        super().__init__(f"image has {pixels:,} pixels, more than the limit of {limit:,}")
+
+
+class DatasetError(PiggybackError):
     pass
 
 

@@ -11,7 +11,8 @@ Metadata (safetensors header strings)
     ``backbone`` (architecture), ``fingerprint`` (of the backbone weights), ``mask_kind``
     (``binary``/``ternary``), ``threshold``, ``bit_order``, ``layers`` (JSON: key -> shape and
     density), ``density`` (kept fraction over all masked weights), ``provenance`` (JSON: dataset,
-    method, epochs, accuracy, date, ...), ``data_sha256`` (SHA-256 of the tensor data section).
+    method, epochs, accuracy, date, ...), optionally ``preprocessing`` (JSON: resize, crop, mean,
+    std, interpolation used in training), ``data_sha256`` (SHA-256 of the tensor data section).
 
 A task's **version** is a hash of its canonical (key-sorted) metadata, so it changes with any
 change to the tensors (through ``data_sha256``) or the metadata, and is the same however the
@@ -52,6 +53,7 @@ from .errors import (
     TensorShapeError,
     UnexpectedTensorError,
 )
+from .images import Preprocessing
 from .masking import DEFAULT_THRESHOLD, NormParams
 from .names import validate_task_name
 
@@ -100,6 +102,7 @@ class TaskFile:
     head_bias: Tensor = field(repr=False)
     norms: dict[str, NormParams] = field(default_factory=dict, repr=False)
     provenance: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None  # how its images were prepared in training
     version: str = ""  # hash of the canonical metadata (which holds the data checksum); set on read
 
     # --- derived figures ----------------------------------------------------------------------
@@ -145,6 +148,7 @@ class TaskFile:
             "mask_bytes": self.mask_nbytes,
             "head_bytes": self.head_nbytes,
             "per_task_batchnorm": sorted(self.norms),
+            "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None,
             "layers": {k: {"shape": list(v.shape), "density": v.density} for k, v in self.layers.items()},
             "provenance": self.provenance,
             "format_version": FORMAT_VERSION,
@@ -166,6 +170,7 @@ class TaskFile:
         threshold: float = DEFAULT_THRESHOLD,
         norms: Mapping[str, NormParams] | None = None,
         provenance: Mapping[str, Any] | None = None,
+        preprocessing: Preprocessing | None = None,
     ) -> TaskFile:
         """A task for ``backbone`` from unpacked masks (bool or 0/1 for binary, -1/0/1 for ternary)."""
         validate_task_name(name)
@@ -203,6 +208,7 @@ class TaskFile:
                 for k, v in (norms or {}).items()
             },
             provenance=prov,
+            preprocessing=preprocessing,
         )
         # Round-trip through the reader: what we write is exactly what we would accept.
         return cls.from_bytes(task.to_bytes())
@@ -232,6 +238,8 @@ class TaskFile:
             "density": repr(self.density),
             "provenance": json.dumps(self.provenance),
         }
+        if self.preprocessing is not None:
+            metadata["preprocessing"] = json.dumps(self.preprocessing.to_dict())
         # The checksum covers the data section, which does not depend on the header: serialise
         # once to learn it, then again with it in the metadata (the data section is identical).
         draft = st_save(tensors, metadata=metadata)
@@ -349,6 +357,7 @@ class TaskFile:
             head_bias=head_b,
             norms=norms,
             provenance=_parse_json(meta.get("provenance", "{}"), "provenance", dict, task),
+            preprocessing=_parse_preprocessing(meta.get("preprocessing"), task),
             version=hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16],
         )
 
@@ -445,6 +454,16 @@ def _parse_json(raw: str, what: str, kind: type, task: str) -> Any:
     if not isinstance(value, kind):
         raise TaskFileFormatError(f"metadata {what!r} is not a JSON {kind.__name__}", task=task)
     return value
+
+
+def _parse_preprocessing(raw: str | None, task: str) -> Preprocessing | None:
+    if raw is None:
+        return None
+    value = _parse_json(raw, "preprocessing", dict, task)
+    try:
+        return Preprocessing.from_dict(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TaskFileFormatError(f"metadata 'preprocessing' is malformed: {exc}", task=task) from exc
 
 
 def _parse_float(raw: str, what: str, task: str) -> float:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from piggyback_core import PiggybackError, TaskFile
+from piggyback_core import Engine, FileSystemStore, PiggybackError, TaskFile, load_backbone
 
 __all__ = ["build_parser", "main"]
 
@@ -55,6 +58,135 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upload(url: str, token: str | None, task: TaskFile) -> str:
+    """PUT the task to a running server; returns the server's one-line answer."""
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/tasks/{task.name}",
+        data=task.to_bytes(),
+        method="PUT",
+        headers={
+            "Content-Type": "application/octet-stream",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", "")
+        except (ValueError, AttributeError):
+            detail = ""
+        raise PiggybackError(f"server refused the task: HTTP {exc.code} {detail}".rstrip()) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise PiggybackError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from exc
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from piggyback_core.trainer import TrainConfig, train
+
+    if args.method == "finetune" and not args.out:
+        raise PiggybackError("--method finetune writes a full-model checkpoint: give --out FILE")
+    config = TrainConfig(
+        data=Path(args.data),
+        task=args.task,
+        backbone=args.backbone,
+        weights=args.weights,
+        method=args.method,
+        mask_kind=args.mask_kind,
+        train_bn=args.train_bn,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr_mask=args.lr_mask,
+        lr_head=args.lr_head,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        lr_decay_every=args.lr_decay_every,
+        lr_decay_factor=args.lr_decay_factor,
+        score_init=args.score_init,
+        score_scale=args.score_scale,
+        threshold=args.threshold,
+        resize_size=args.resize_size,
+        crop_size=args.crop_size,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        workdir=Path(args.workdir) if args.workdir else Path("runs") / args.task,
+        resume=args.resume,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 writes the result
+    if result.model_state is not None:
+        from safetensors.torch import save_file
+
+        meta = {"labels": json.dumps(result.labels), "backbone": args.backbone, "method": "finetune"}
+        save_file(result.model_state, args.out, metadata=meta)
+        print(f"wrote full-model checkpoint {args.out} (val top-1 {result.best_val_top1:.2%})")
+        return 0
+    task = result.task
+    assert task is not None
+    if args.out:
+        task.save(args.out)
+        where = args.out
+    elif args.store:
+        FileSystemStore(args.store).put(task.name, task.to_bytes())
+        where = f"store {args.store}"
+    else:
+        where = (
+            f"{args.server} ({_upload(args.server, args.token or os.environ.get('PIGGYBACK_TOKEN'), task)})"
+        )
+    print(
+        f"wrote task {task.name!r} version {task.version} to {where}: val top-1 {result.best_val_top1:.2%} "
+        f"(epoch {result.best_epoch}), {1 - task.density:.2%} of weights masked out"
+    )
+    return 0
+
+
+def _eval_root(data_dir: Path) -> Path:
+    """DATA_DIR itself (class folders), or its val/ when it is a train/val dataset root."""
+    return (
+        data_dir / "val" if (data_dir / "val").is_dir() and not (data_dir / "val").is_symlink() else data_dir
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from piggyback_core.evaluate import evaluate_task
+
+    task = TaskFile.load(args.task_file)
+    backbone = load_backbone(task.backbone, weights=args.weights, seed=args.seed)
+    engine = Engine(backbone)
+    engine.add_task(task)
+    report = evaluate_task(engine, task.name, _eval_root(Path(args.data_dir)), batch_size=args.batch_size)
+    if args.json:
+        out = report.to_dict()
+        if not args.predictions:
+            out.pop("predictions")
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"task {task.name!r} on {_eval_root(Path(args.data_dir))}: {report.n} images")
+    print(f"top-1 {report.top1:.2%}   top-5 {report.top5:.2%}")
+    print(f"\n{'class':<32} {'images':>7} {'top-1':>8}")
+    for label, c in report.per_class.items():
+        if c.n:
+            print(f"{label:<32} {c.n:>7} {c.top1:>8.2%}")
+    if args.predictions:
+        for p in report.predictions:
+            print(json.dumps(p))
+    return 0
+
+
+def _add_backbone_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights", default="IMAGENET1K_V1", help="torchvision weights name, a local file, or 'random'"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed (also for --weights random)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="piggyback", description="Serve many image classifiers from one backbone."
@@ -66,6 +198,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_file", metavar="TASK_FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "train",
+        help="learn a task (Piggyback or a baseline) from an ImageFolder dataset",
+        description="Learn a task from DATA/train and DATA/val (one sub-folder per class). "
+        "Defaults are the paper's recipe; the best epoch is chosen on val/. Runs under torchrun too.",
+    )
+    p.add_argument("--data", required=True, help="dataset root holding train/ and val/")
+    p.add_argument("--task", required=True, help="task name")
+    p.add_argument("--backbone", default="resnet50")
+    _add_backbone_flags(p)
+    p.add_argument("--method", default="piggyback", choices=["piggyback", "classifier", "finetune"])
+    p.add_argument("--mask-kind", default="binary", choices=["binary", "ternary"])
+    p.add_argument(
+        "--train-bn", action="store_true", help="learn per-task BatchNorm (stored in the task file)"
+    )
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="global batch (split across torchrun processes)"
+    )
+    p.add_argument("--lr-mask", type=float, default=1e-4, help="Adam learning rate of the mask scores")
+    p.add_argument("--lr-head", type=float, default=1e-4, help="Adam learning rate of the head (and BN)")
+    p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate of the baselines")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the baselines")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-decay-every", type=int, default=15, help="epochs between learning-rate decays")
+    p.add_argument("--lr-decay-factor", type=float, default=0.1)
+    p.add_argument("--score-init", default="1s", choices=["1s", "uniform"])
+    p.add_argument(
+        "--score-scale", type=float, default=1e-2, help="initial score (1s) or its range (uniform)"
+    )
+    p.add_argument("--threshold", type=float, default=5e-3)
+    p.add_argument("--resize-size", type=int, default=None, help="default: the weights' own (256)")
+    p.add_argument("--crop-size", type=int, default=None, help="default: the weights' own (224)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA)"
+    )
+    p.add_argument("--workdir", default=None, help="checkpoints and log.json (default runs/TASK)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --workdir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", help="write the task file (finetune: the full-model checkpoint) here")
+    dest.add_argument("--store", help="put the task into this store directory")
+    dest.add_argument("--server", help="upload the task to this server (PUT /tasks/NAME)")
+    p.add_argument("--token", default=None, help="bearer token for --server (default $PIGGYBACK_TOKEN)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 accuracy of a task file on a folder of class sub-folders",
+        description="Evaluate TASK_FILE on DATA_DIR (class sub-folders, or a dataset root with val/).",
+    )
+    p.add_argument("task_file", metavar="TASK_FILE")
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    _add_backbone_flags(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, per_class)")
+    p.add_argument("--predictions", action="store_true", help="also print every file's top-5 predictions")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -73,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (PiggybackError, OSError) as exc:
+    except (PiggybackError, OSError, ValueError) as exc:
         print(f"piggyback {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

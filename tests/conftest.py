@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from piggyback_core import Backbone, MaskKind, TaskFile, load_backbone
 
@@ -79,3 +82,28 @@ def task_factory(resnet18: Backbone) -> TaskFactory:
         return make_task(resnet18, name, **kwargs)
 
     return factory
+
+
+COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+
+
+def make_image_folder(
+    root: Path, *, n_train: int = 24, n_val: int = 12, size: int = 40, seed: int = 0
+) -> Path:
+    """A small separable dataset in ImageFolder layout: noisy images of three colours."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for name, colour in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = rng.normal(0, 40, (size, size, 3))
+                Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(
+                    folder / f"{i}.png"
+                )
+    return root
+
+
+@pytest.fixture(scope="session")
+def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("colours"))

@@ -1,0 +1,129 @@
+"""Images in, tensors out: the one decoding and preprocessing path that training, ``eval`` and the
+server share, so that they compute the same predictions for the same file.
+
+:func:`decode_image` turns encoded bytes (JPEG, PNG, WebP, BMP, GIF, TIFF) into an RGB PIL image:
+EXIF orientation applied, the first frame of an animation, grey/palette/CMYK/16-bit/alpha images
+converted to 8-bit RGB, and a pixel-count bound checked from the header before any pixel is
+decoded (decompression bombs). :class:`Preprocessing` is torchvision's ``ImageClassification``
+transform as a value: resize the shorter side, center crop, scale to [0, 1], normalise.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .errors import ImageDecodeError, ImageTooLargeError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "decode_image",
+    "open_image",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MAX_PIXELS = 40_000_000  # about 7,700 x 5,200; larger photos are refused
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize (shorter side), center crop, scale to [0, 1], normalise."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_size <= self.resize_size:
+            raise ValueError(
+                f"need 0 < crop_size <= resize_size, got {self.crop_size} and {self.resize_size}"
+            )
+        InterpolationMode(self.interpolation)  # raises ValueError naming the bad mode
+
+    @classmethod
+    def from_torchvision(cls, transform: Any) -> Preprocessing:
+        return cls(
+            resize_size=int(transform.resize_size[0]),
+            crop_size=int(transform.crop_size[0]),
+            mean=tuple(transform.mean),
+            std=tuple(transform.std),
+            interpolation=InterpolationMode(transform.interpolation).value,
+        )
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> Preprocessing:
+        return cls(
+            resize_size=int(value["resize_size"]),
+            crop_size=int(value["crop_size"]),
+            mean=tuple(float(v) for v in value["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in value["std"]),  # type: ignore[arg-type]
+            interpolation=str(value["interpolation"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """A ``float32 [3, crop, crop]`` tensor from an RGB PIL image."""
+        img = TF.resize(image, [self.resize_size], InterpolationMode(self.interpolation), antialias=True)
+        img = TF.center_crop(img, [self.crop_size])
+        x = TF.pil_to_tensor(img).to(torch.float32).div_(255.0)
+        return TF.normalize(x, list(self.mean), list(self.std))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("P", "PA", "LA") or (img.mode == "RGBA"):
+        img = img.convert("RGBA").convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes into an RGB image; ImageDecodeError / ImageTooLargeError if not."""
+    if not data:
+        raise ImageDecodeError("empty body: no image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(pixels=width * height, limit=max_pixels)
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except ImageTooLargeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(pixels=-1, limit=max_pixels) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(
+            "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)"
+        ) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying "corrupt"
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+
+
+def open_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    return decode_image(Path(path).read_bytes(), max_pixels=max_pixels)

@@ -58,9 +58,7 @@ class BackboneSpec:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(
-    name: str, *, head: str
-) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_backbone(name: str, *, head: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register ``build(*, weights=None) -> nn.Module`` under ``name``; ``head`` names its classifier."""
 
     def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -125,9 +123,7 @@ class Backbone:
 
     def __post_init__(self) -> None:
         self.mask_shapes = {m.key: tuple(m.weight.shape) for m in self.masked}
-        self.norm_sizes = {
-            m.mask_key: m.num_features for m in self.model.modules() if isinstance(m, TaskBatchNorm2d)
-        }
+        self.norm_sizes = {m.mask_key: m.num_features for m in self.model.modules() if isinstance(m, TaskBatchNorm2d)}
 
     @property
     def num_masked_weights(self) -> int:
@@ -160,18 +156,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(
-            f"weights file {str(path)!r} does not hold a state dict of tensors", weights=str(path)
-        )
+        raise WeightsError(f"weights file {str(path)!r} does not hold a state dict of tensors", weights=str(path))
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _looks_like_path(weights: str) -> bool:
-    return (
-        os.sep in weights
-        or weights.endswith((".safetensors", ".pt", ".pth", ".bin"))
-        or Path(weights).exists()
-    )
+    return os.sep in weights or weights.endswith((".safetensors", ".pt", ".pth", ".bin")) or Path(weights).exists()
 
 
 def _build(spec: BackboneSpec, weights: str, seed: int) -> tuple[nn.Module, Preprocessing, str]:
@@ -190,9 +180,7 @@ def _build(spec: BackboneSpec, weights: str, seed: int) -> tuple[nn.Module, Prep
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:
-            raise WeightsError(
-                f"weights file {weights!r} does not fit {spec.name}: {exc}", weights=weights
-            ) from exc
+            raise WeightsError(f"weights file {weights!r} does not fit {spec.name}: {exc}", weights=weights) from exc
         missing = sorted(set(result.missing_keys) - head_keys)
         if missing or result.unexpected_keys:
             raise WeightsError(

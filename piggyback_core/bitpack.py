@@ -115,9 +115,7 @@ def validate_packed(packed: torch.Tensor, numel: int, kind: MaskKind) -> str | N
         return f"shape is {tuple(packed.shape)}, expected a flat byte vector"
     expected = packed_nbytes(numel, kind)
     if packed.numel() != expected:
-        return (
-            f"holds {packed.numel()} bytes, but a {kind} mask over {numel} weights takes exactly {expected}"
-        )
+        return f"holds {packed.numel()} bytes, but a {kind} mask over {numel} weights takes exactly {expected}"
     if expected == 0:
         return None
     used_bits = (numel * bits_per_weight(kind)) % 8

@@ -25,13 +25,16 @@ from .images import Preprocessing, open_image
 __all__ = ["ImageFolderDataset", "ShardedBatchSampler", "train_transform"]
 
 
-def train_transform(pre: Preprocessing) -> Callable[[Image.Image], Tensor]:
-    """The paper's training augmentation: resize, random resized crop, horizontal flip, normalise."""
+def train_transform(pre: Preprocessing, *, crop_scale_min: float = 0.08) -> Callable[[Image.Image], Tensor]:
+    """The paper's training augmentation: resize, random resized crop (area ``crop_scale_min`` to 1
+    of the image, torchvision's default 0.08), horizontal flip, normalise."""
     interpolation = T.InterpolationMode(pre.interpolation)
     return T.Compose(
         [
             T.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
-            T.RandomResizedCrop(pre.crop_size, interpolation=interpolation, antialias=True),
+            T.RandomResizedCrop(
+                pre.crop_size, scale=(crop_scale_min, 1.0), interpolation=interpolation, antialias=True
+            ),
             T.RandomHorizontalFlip(),
             T.PILToTensor(),
             T.ConvertImageDtype(torch.float32),
@@ -59,9 +62,7 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
         self.classes = list(classes) if classes is not None else found
         unknown = sorted(set(found) - set(self.classes))
         if unknown:
-            raise DatasetError(
-                f"{str(self.root)!r} has class folders that are not labels: {', '.join(unknown[:5])}"
-            )
+            raise DatasetError(f"{str(self.root)!r} has class folders that are not labels: {', '.join(unknown[:5])}")
         index = {c: i for i, c in enumerate(self.classes)}
         try:
             self.samples = make_dataset(
@@ -102,9 +103,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     contiguous shards; this sampler yields shard ``rank`` of each. A final global batch smaller
     than ``world`` is dropped when ``world > 1`` (so that no rank gets an empty shard)."""
 
-    def __init__(
-        self, n: int, batch_size: int, *, rank: int = 0, world: int = 1, shuffle: bool, seed: int = 0
-    ):
+    def __init__(self, n: int, batch_size: int, *, rank: int = 0, world: int = 1, shuffle: bool, seed: int = 0):
         if batch_size < world:
             raise ValueError(f"batch size {batch_size} is smaller than the number of processes {world}")
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
@@ -115,9 +114,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     def global_batches(self) -> list[list[int]]:
         if self.shuffle:
-            order = torch.randperm(
-                self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-            ).tolist()
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(self.n))
         batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]

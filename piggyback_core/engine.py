@@ -116,9 +116,7 @@ class _Plan:
         self.tasks = tasks
         use_cache = cache.max_bytes > 0
         self.cached = [cache.get((t.name, t.version)) if use_cache else None for t in tasks]
-        self.fresh: list[dict[str, Tensor] | None] = [
-            {} if use_cache and c is None else None for c in self.cached
-        ]
+        self.fresh: list[dict[str, Tensor] | None] = [{} if use_cache and c is None else None for c in self.cached]
 
     def weight(self, segment: int, key: str, weight: Tensor) -> Tensor:
         cached = self.cached[segment]
@@ -177,8 +175,7 @@ class Engine:
             head_weight=task.head_weight.to(self.device, self.dtype),
             head_bias=task.head_bias.to(self.device, self.dtype),
             norms={
-                k: NormParams(*(t.to(self.device, self.dtype) for t in vars(p).values()))
-                for k, p in task.norms.items()
+                k: NormParams(*(t.to(self.device, self.dtype) for t in vars(p).values())) for k, p in task.norms.items()
             },
             file=task,
         )
@@ -238,9 +235,7 @@ class Engine:
         for key, group in order.items():
             segments.append((start, start + len(group), by_id[key]))
             start += len(group)
-        permuted = (
-            images if rows == list(range(len(rows))) else images[torch.tensor(rows, device=images.device)]
-        )
+        permuted = images if rows == list(range(len(rows))) else images[torch.tensor(rows, device=images.device)]
         per_segment = self._forward(permuted, segments)
         out: list[Tensor] = [torch.empty(0)] * len(rows)
         for (a, _, _), logits in zip(segments, per_segment, strict=True):

@@ -141,9 +141,7 @@ class UnexpectedTensorError(TaskFileError):
     def __init__(self, *, names: list[str], task: str | None = None) -> None:
         self.names = names
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        super().__init__(
-            f"task file holds {len(names)} tensor(s) the backbone has no place for: {shown}", task=task
-        )
+        super().__init__(f"task file holds {len(names)} tensor(s) the backbone has no place for: {shown}", task=task)
 
 
 class TensorDtypeError(TaskFileError):

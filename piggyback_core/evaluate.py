@@ -34,10 +34,7 @@ def predictions_from_logits(logits: Tensor, labels: Sequence[str], top_k: int) -
     """The ``top_k`` labels of one row of logits, with softmax scores, best first."""
     probs = torch.softmax(logits.float(), dim=-1)
     values, indices = probs.topk(min(top_k, probs.shape[-1]))
-    return [
-        Prediction(labels[i], int(i), float(v))
-        for v, i in zip(values.tolist(), indices.tolist(), strict=True)
-    ]
+    return [Prediction(labels[i], int(i), float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
 @dataclass

@@ -51,9 +51,7 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_size <= self.resize_size:
-            raise ValueError(
-                f"need 0 < crop_size <= resize_size, got {self.crop_size} and {self.resize_size}"
-            )
+            raise ValueError(f"need 0 < crop_size <= resize_size, got {self.crop_size} and {self.resize_size}")
         InterpolationMode(self.interpolation)  # raises ValueError naming the bad mode
 
     @classmethod
@@ -118,9 +116,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(pixels=-1, limit=max_pixels) from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(
-            "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)"
-        ) from exc
+        raise ImageDecodeError("not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying "corrupt"
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
 

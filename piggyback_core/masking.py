@@ -167,9 +167,7 @@ class MaskPlan(Protocol):
     def norm(self, segment: int, name: str) -> NormParams | None: ...
 
 
-_ACTIVE_PLAN: contextvars.ContextVar[MaskPlan | None] = contextvars.ContextVar(
-    "piggyback_mask_plan", default=None
-)
+_ACTIVE_PLAN: contextvars.ContextVar[MaskPlan | None] = contextvars.ContextVar("piggyback_mask_plan", default=None)
 
 
 @contextmanager
@@ -248,9 +246,7 @@ class MaskedConv2d(nn.Conv2d, MaskedLayer):
     def forward(self, x: Tensor) -> Tensor:
         plan = _ACTIVE_PLAN.get()
         if plan is not None:
-            return _segmented(
-                plan, x, lambda xs, i: self._conv(xs, plan.weight(i, self.mask_key, self.weight))
-            )
+            return _segmented(plan, x, lambda xs, i: self._conv(xs, plan.weight(i, self.mask_key, self.weight)))
         return masked_conv2d(
             x,
             self.weight,
@@ -332,9 +328,7 @@ class MaskedMultiheadAttention(nn.MultiheadAttention, MaskedLayer):
         is_causal: bool = False,
     ) -> tuple[Tensor, None]:
         if key_padding_mask is not None or attn_mask is not None or need_weights or is_causal:
-            raise NotImplementedError(
-                "MaskedMultiheadAttention supports need_weights=False without attention masks"
-            )
+            raise NotImplementedError("MaskedMultiheadAttention supports need_weights=False without attention masks")
         plan = _ACTIVE_PLAN.get()
         if plan is not None:
 
@@ -386,9 +380,7 @@ def convert_to_masked(model: nn.Module) -> list[MaskedParam]:
         if isinstance(module, MaskedLayer | TaskBatchNorm2d):
             continue
         if isinstance(module, nn.MultiheadAttention):
-            replacements.append(
-                (name, MaskedMultiheadAttention.from_mha(module, key=f"{name}.in_proj_weight"))
-            )
+            replacements.append((name, MaskedMultiheadAttention.from_mha(module, key=f"{name}.in_proj_weight")))
         elif isinstance(module, nn.Conv2d):
             replacements.append((name, MaskedConv2d.from_conv(module, key=f"{name}.weight")))
         elif isinstance(module, nn.Linear):

@@ -181,9 +181,7 @@ class TaskFile:
                 raise MissingTensorError(names=[f"mask/{key}"], task=name)
             m = masks[key].detach().to("cpu")
             if tuple(m.shape) != shape:
-                raise TensorShapeError(
-                    f"mask for {key} has shape {tuple(m.shape)}, expected {shape}", name=key
-                )
+                raise TensorShapeError(f"mask for {key} has shape {tuple(m.shape)}, expected {shape}", name=key)
             packed[key] = pack_mask(m, mask_kind)
             layers[key] = LayerInfo(shape, float((m != 0).sum()) / max(m.numel(), 1))
         extra = sorted(set(masks) - set(backbone.mask_shapes))
@@ -202,9 +200,7 @@ class TaskFile:
             head_weight=head_weight.detach().to("cpu", torch.float32).contiguous(),
             head_bias=head_bias.detach().to("cpu", torch.float32).contiguous(),
             norms={
-                k: NormParams(
-                    *(getattr(v, f).detach().to("cpu", torch.float32).contiguous() for f in _NORM_FIELDS)
-                )
+                k: NormParams(*(getattr(v, f).detach().to("cpu", torch.float32).contiguous() for f in _NORM_FIELDS))
                 for k, v in (norms or {}).items()
             },
             provenance=prov,
@@ -232,9 +228,7 @@ class TaskFile:
             "mask_kind": self.mask_kind,
             "threshold": repr(self.threshold),
             "bit_order": BIT_ORDER,
-            "layers": json.dumps(
-                {k: {"shape": list(v.shape), "density": v.density} for k, v in self.layers.items()}
-            ),
+            "layers": json.dumps({k: {"shape": list(v.shape), "density": v.density} for k, v in self.layers.items()}),
             "density": repr(self.density),
             "provenance": json.dumps(self.provenance),
         }
@@ -270,9 +264,7 @@ class TaskFile:
             raise TaskFileFormatError(f"not a valid safetensors file: {exc}", task=task) from exc
         data_start = 8 + int.from_bytes(data[:8], "little")
         if hashlib.sha256(data[data_start:]).hexdigest() != meta["data_sha256"]:
-            raise TaskFileFormatError(
-                "tensor data does not match its checksum: the file is corrupt", task=task
-            )
+            raise TaskFileFormatError("tensor data does not match its checksum: the file is corrupt", task=task)
         labels = _parse_labels(meta["labels"], task)
         mask_kind = meta["mask_kind"]
         if mask_kind not in MASK_KINDS:
@@ -337,9 +329,7 @@ class TaskFile:
             for f in _NORM_FIELDS:
                 _check_float(f"bn/{module}/{f}", parts[f], task)
             if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-                raise TensorShapeError(
-                    f"bn/{module}: tensors of shapes {sorted(sizes)}", name=module, task=task
-                )
+                raise TensorShapeError(f"bn/{module}: tensors of shapes {sorted(sizes)}", name=module, task=task)
             if bool((parts["running_var"] < 0).any()):
                 raise TaskFileFormatError(f"bn/{module}/running_var has negative entries", task=task)
             norms[module] = NormParams(*(parts[f] for f in _NORM_FIELDS))
@@ -368,9 +358,7 @@ class TaskFile:
         if self.backbone != backbone.arch:
             raise BackboneMismatchError(expected=backbone.arch, actual=self.backbone, task=self.name)
         if self.fingerprint != backbone.fingerprint:
-            raise FingerprintMismatchError(
-                expected=backbone.fingerprint, actual=self.fingerprint, task=self.name
-            )
+            raise FingerprintMismatchError(expected=backbone.fingerprint, actual=self.fingerprint, task=self.name)
         missing = [f"mask/{k}" for k in backbone.mask_shapes if k not in self.layers]
         if missing:
             raise MissingTensorError(names=missing, task=self.name)
@@ -426,9 +414,7 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise TaskFileFormatError("not a task file: no safetensors metadata")
     if meta.get("format") != FORMAT_NAME:
-        raise TaskFileFormatError(
-            f"not a task file: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}"
-        )
+        raise TaskFileFormatError(f"not a task file: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
     task = meta.get("task")
     if meta.get("format_version") != FORMAT_VERSION:
         raise TaskFileVersionError(
@@ -507,8 +493,6 @@ def _parse_layers(raw: str, task: str) -> dict[str, LayerInfo]:
 
 def _check_float(name: str, t: Tensor, task: str) -> None:
     if t.dtype not in _FLOAT_DTYPES:
-        raise TensorDtypeError(
-            name=name, expected="float32, float16 or bfloat16", actual=str(t.dtype), task=task
-        )
+        raise TensorDtypeError(name=name, expected="float32, float16 or bfloat16", actual=str(t.dtype), task=task)
     if not bool(torch.isfinite(t).all()):
         raise TaskFileFormatError(f"tensor {name!r} holds non-finite values", task=task)

@@ -82,6 +82,7 @@ class TrainConfig:
     threshold: float = DEFAULT_THRESHOLD
     resize_size: int | None = None  # None: the backbone weights' own preprocessing
     crop_size: int | None = None
+    crop_scale_min: float = 0.08  # RandomResizedCrop's smallest area fraction
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -204,7 +205,8 @@ class _Trainer:
             interpolation=base.interpolation,
         )
         data = Path(cfg.data)
-        self.train_set = ImageFolderDataset(data / "train", train_transform(self.pre), seed=cfg.seed)
+        augment = train_transform(self.pre, crop_scale_min=cfg.crop_scale_min)
+        self.train_set = ImageFolderDataset(data / "train", augment, seed=cfg.seed)
         self.labels = self.train_set.classes
         if len(self.labels) < 2:
             raise DatasetError(f"{str(data / 'train')!r} needs at least two class folders")
@@ -228,13 +230,9 @@ class _Trainer:
 
         self.optimizers: list[torch.optim.Optimizer] = []
         if cfg.method == "piggyback":
+            self.optimizers.append(torch.optim.Adam(self.scores, lr=cfg.lr_mask, weight_decay=cfg.weight_decay))
             self.optimizers.append(
-                torch.optim.Adam(self.scores, lr=cfg.lr_mask, weight_decay=cfg.weight_decay)
-            )
-            self.optimizers.append(
-                torch.optim.Adam(
-                    [*head.parameters(), *bn_params], lr=cfg.lr_head, weight_decay=cfg.weight_decay
-                )
+                torch.optim.Adam([*head.parameters(), *bn_params], lr=cfg.lr_head, weight_decay=cfg.weight_decay)
             )
         else:
             params = [p for p in self.net.parameters() if p.requires_grad]
@@ -250,9 +248,7 @@ class _Trainer:
             ids = [d.device.index] if d.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         self.amp = cfg.amp if cfg.amp is not None else d.device.type == "cuda"
-        self.amp_dtype = (
-            torch.bfloat16 if d.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-        )
+        self.amp_dtype = torch.bfloat16 if d.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
 
         self.sampler = ShardedBatchSampler(
@@ -436,8 +432,7 @@ class _Trainer:
             self.log(
                 f"epoch {epoch:>3}/{cfg.epochs}  loss {loss:.4f}  train {train_top1:6.2%}  "
                 f"val {val_top1:6.2%} (top5 {val_top5:6.2%})  masked out {entry.masked_out:6.2%}  "
-                f"lr {' '.join(f'{lr:.2e}' for lr in lrs)}  {entry.seconds:.1f}s"
-                + ("  *best" if improved else "")
+                f"lr {' '.join(f'{lr:.2e}' for lr in lrs)}  {entry.seconds:.1f}s" + ("  *best" if improved else "")
             )
             self._save_checkpoint(epoch)
             self._write_log()

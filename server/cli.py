@@ -45,9 +45,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"density:       {task.density:.2%} kept, {1 - task.density:.2%} masked out",
         f"file:          {_fmt_int(info['file_bytes'])} bytes "
         f"(mask {_fmt_int(task.mask_nbytes)}, head {_fmt_int(task.head_nbytes)})",
-        f"batchnorm:     {len(task.norms)} per-task layers"
-        if task.norms
-        else "batchnorm:     backbone's (frozen)",
+        f"batchnorm:     {len(task.norms)} per-task layers" if task.norms else "batchnorm:     backbone's (frozen)",
         f"provenance:    {prov}",
         "",
         f"{'layer':<56} {'weights':>12} {'kept':>8}",
@@ -109,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         resize_size=args.resize_size,
         crop_size=args.crop_size,
+        crop_scale_min=args.crop_scale_min,
         seed=args.seed,
         workers=args.workers,
         device=args.device,
@@ -136,9 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         FileSystemStore(args.store).put(task.name, task.to_bytes())
         where = f"store {args.store}"
     else:
-        where = (
-            f"{args.server} ({_upload(args.server, args.token or os.environ.get('PIGGYBACK_TOKEN'), task)})"
-        )
+        where = f"{args.server} ({_upload(args.server, args.token or os.environ.get('PIGGYBACK_TOKEN'), task)})"
     print(
         f"wrote task {task.name!r} version {task.version} to {where}: val top-1 {result.best_val_top1:.2%} "
         f"(epoch {result.best_epoch}), {1 - task.density:.2%} of weights masked out"
@@ -148,9 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _eval_root(data_dir: Path) -> Path:
     """DATA_DIR itself (class folders), or its val/ when it is a train/val dataset root."""
-    return (
-        data_dir / "val" if (data_dir / "val").is_dir() and not (data_dir / "val").is_symlink() else data_dir
-    )
+    return data_dir / "val" if (data_dir / "val").is_dir() and not (data_dir / "val").is_symlink() else data_dir
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -179,22 +174,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_backbone_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--weights", default="IMAGENET1K_V1", help="torchvision weights name, a local file, or 'random'"
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {f: getattr(args, f) for f in Settings.model_fields if getattr(args, f, None) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise PiggybackError(f"invalid setting: {problems}") from None
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
     )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # one structured line per classify request comes from the app
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    return 0
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (``--max-batch-size`` for ``max_batch_size``); unset flags fall
+    back to the PIGGYBACK_* environment, then to the defaults."""
+    from .settings import Settings
+
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.default
+        help_text = (info.description or name.replace("_", " ")) + f" (env PIGGYBACK_{name.upper()}"
+        help_text += ")" if default is None or name == "token" else f", default {default})"
+        if info.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, default=None, help=help_text)
+
+
+def _add_backbone_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weights name, a local file, or 'random'")
     p.add_argument("--seed", type=int, default=0, help="seed (also for --weights random)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="piggyback", description="Serve many image classifiers from one backbone."
-    )
+    parser = argparse.ArgumentParser(prog="piggyback", description="Serve many image classifiers from one backbone.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
-        "inspect", help="print a task file's metadata", description="Print a task file's metadata."
+        "serve",
+        help="run the HTTP server",
+        description="Serve every task in the store from one resident backbone. Every flag has a "
+        "PIGGYBACK_* environment variable; flags win.",
     )
+    _add_settings_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("inspect", help="print a task file's metadata", description="Print a task file's metadata.")
     p.add_argument("task_file", metavar="TASK_FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
@@ -211,13 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_flags(p)
     p.add_argument("--method", default="piggyback", choices=["piggyback", "classifier", "finetune"])
     p.add_argument("--mask-kind", default="binary", choices=["binary", "ternary"])
-    p.add_argument(
-        "--train-bn", action="store_true", help="learn per-task BatchNorm (stored in the task file)"
-    )
+    p.add_argument("--train-bn", action="store_true", help="learn per-task BatchNorm (stored in the task file)")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument(
-        "--batch-size", type=int, default=32, help="global batch (split across torchrun processes)"
-    )
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (split across torchrun processes)")
     p.add_argument("--lr-mask", type=float, default=1e-4, help="Adam learning rate of the mask scores")
     p.add_argument("--lr-head", type=float, default=1e-4, help="Adam learning rate of the head (and BN)")
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate of the baselines")
@@ -226,16 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-decay-every", type=int, default=15, help="epochs between learning-rate decays")
     p.add_argument("--lr-decay-factor", type=float, default=0.1)
     p.add_argument("--score-init", default="1s", choices=["1s", "uniform"])
-    p.add_argument(
-        "--score-scale", type=float, default=1e-2, help="initial score (1s) or its range (uniform)"
-    )
+    p.add_argument("--score-scale", type=float, default=1e-2, help="initial score (1s) or its range (uniform)")
     p.add_argument("--threshold", type=float, default=5e-3)
     p.add_argument("--resize-size", type=int, default=None, help="default: the weights' own (256)")
     p.add_argument("--crop-size", type=int, default=None, help="default: the weights' own (224)")
+    p.add_argument("--crop-scale-min", type=float, default=0.08, help="smallest area of the random crop")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    p.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA)"
-    )
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA)")
     p.add_argument("--workdir", default=None, help="checkpoints and log.json (default runs/TASK)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --workdir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from piggyback_core import Backbone, MaskKind, TaskFile, load_backbone
+from piggyback_core import Backbone, MaskKind, Preprocessing, TaskFile, load_backbone
+
+SMALL = Preprocessing(resize_size=36, crop_size=32)  # fast inputs for tests
 
 
 def random_masks(
@@ -41,6 +43,8 @@ def make_task(
     seed: int = 0,
     keep: float = 0.8,
     norms: bool = False,
+    preprocessing: Preprocessing | None = None,
+    labels: list[str] | None = None,
 ) -> TaskFile:
     """A real task file for ``backbone`` with random masks, head and (optionally) BatchNorm."""
     from piggyback_core import NormParams
@@ -57,7 +61,7 @@ def make_task(
             )
     return TaskFile.create(
         name=name,
-        labels=[f"class-{i}" for i in range(num_labels)],
+        labels=labels or [f"class-{i}" for i in range(num_labels)],
         backbone=backbone,
         masks=random_masks(backbone, kind=kind, keep=keep, seed=seed),
         head_weight=0.05 * torch.randn(num_labels, backbone.feature_dim, generator=g),
@@ -65,6 +69,7 @@ def make_task(
         mask_kind=kind,
         norms=norm_params,
         provenance={"dataset": "synthetic", "method": "test"},
+        preprocessing=preprocessing,
     )
 
 
@@ -87,9 +92,7 @@ def task_factory(resnet18: Backbone) -> TaskFactory:
 COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
 
 
-def make_image_folder(
-    root: Path, *, n_train: int = 24, n_val: int = 12, size: int = 40, seed: int = 0
-) -> Path:
+def make_image_folder(root: Path, *, n_train: int = 24, n_val: int = 12, size: int = 40, seed: int = 0) -> Path:
     """A small separable dataset in ImageFolder layout: noisy images of three colours."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
@@ -98,9 +101,7 @@ def make_image_folder(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 noise = rng.normal(0, 40, (size, size, 3))
-                Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(
-                    folder / f"{i}.png"
-                )
+                Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
     return root
 
 

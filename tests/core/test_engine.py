@@ -77,9 +77,7 @@ def test_engine_equals_torchvision_with_weights_multiplied_by_the_mask(arch: str
 
 
 @pytest.mark.parametrize("kind,norms", [("ternary", False), ("binary", True), ("ternary", True)])
-def test_engine_equals_reference_for_ternary_masks_and_per_task_batchnorm(
-    resnet18, kind: str, norms: bool
-) -> None:
+def test_engine_equals_reference_for_ternary_masks_and_per_task_batchnorm(resnet18, kind: str, norms: bool) -> None:
     task = make_task(resnet18, "t", kind=kind, norms=norms, seed=5)
     engine = Engine(resnet18)
     engine.add_task(task)

@@ -239,9 +239,7 @@ def test_each_kind_of_bad_task_file_is_refused_with_its_own_error(
     assert isinstance(info.value, TaskFileError)
 
 
-def test_a_mask_for_a_layer_the_backbone_lacks_or_of_another_shape_is_refused(
-    resnet18: Backbone, good: bytes
-) -> None:
+def test_a_mask_for_a_layer_the_backbone_lacks_or_of_another_shape_is_refused(resnet18: Backbone, good: bytes) -> None:
     renamed = rewrite(
         good,
         tensors=lambda t: t.__setitem__("mask/layer9.conv.weight", t.pop(f"mask/{CONV}")),
@@ -250,9 +248,7 @@ def test_a_mask_for_a_layer_the_backbone_lacks_or_of_another_shape_is_refused(
     task = TaskFile.from_bytes(renamed)  # consistent in itself ...
     with pytest.raises(MissingTensorError, match=f"mask/{CONV}"):  # ... but not for this backbone
         task.check_compatible(resnet18)
-    reshaped = TaskFile.from_bytes(
-        rewrite(good, metadata=_layers(lambda ls: ls[CONV].update(shape=[64, 64, 9])))
-    )
+    reshaped = TaskFile.from_bytes(rewrite(good, metadata=_layers(lambda ls: ls[CONV].update(shape=[64, 64, 9]))))
     with pytest.raises(TensorShapeError, match=r"\(64, 64, 3, 3\)"):
         reshaped.check_compatible(resnet18)
 

@@ -134,9 +134,7 @@ def test_finetune_baseline_changes_the_backbone_and_returns_a_full_model_state(c
 def test_ternary_masks_and_per_task_batchnorm_go_into_the_task_file(colours: Path) -> None:
     result = run(colours, mask_kind="ternary", train_bn=True, epochs=2)
     task = result.task
-    assert (
-        task is not None and task.mask_kind == "ternary" and task.bits_per_parameter == pytest.approx(2, 1e-3)
-    )
+    assert task is not None and task.mask_kind == "ternary" and task.bits_per_parameter == pytest.approx(2, 1e-3)
     assert set(task.norms) == set(load_backbone("resnet18", weights="random").norm_sizes)
     engine = Engine(load_backbone("resnet18", weights="random"))
     engine.add_task(task)

@@ -58,7 +58,5 @@ def test_a_failing_command_exits_non_zero_with_one_line_on_stderr(tmp_path: Path
 
 
 def test_every_command_has_help() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "inspect", "--help"], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-m", "server.cli", "inspect", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "TASK_FILE" in result.stdout

@@ -1,0 +1,478 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The lifespan starts loading in the background (backbone, engine, store, every stored task, one
+warm-up batch), so ``/healthz`` answers at once and ``/readyz`` turns 200 when loading is done. It
+then polls the store for other replicas' changes every ``store_poll_s``. On shutdown it stops
+admitting requests and drains the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from piggyback_core import (
+    Backbone,
+    BackboneMismatchError,
+    Engine,
+    EngineError,
+    FileSystemStore,
+    FingerprintMismatchError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    InvalidTaskNameError,
+    LoadedTask,
+    PiggybackError,
+    StoreError,
+    TaskFileError,
+    TaskNotFoundError,
+    __version__,
+    decode_image,
+    load_backbone,
+    predictions_from_logits,
+    validate_task_name,
+)
+
+from .batcher import Batcher, BatchPolicy, BatchStats
+from .errors import (
+    AuthenticationError,
+    BadRequestError,
+    DeadlineExceededError,
+    ManagementDisabledError,
+    NotReadyError,
+    PayloadTooLargeError,
+    QueueFullError,
+    UnsupportedMediaTypeError,
+)
+from .metrics import Metrics
+from .registry import TaskRegistry
+from .schemas import (
+    ClassifyResponse,
+    ErrorResponse,
+    HealthResponse,
+    ReadyResponse,
+    TaskListResponse,
+    TaskPublic,
+    TaskSummaryPublic,
+)
+from .settings import Settings, get_settings
+
+__all__ = ["STATUS_BY_ERROR", "Services", "create_app"]
+
+log = logging.getLogger("piggyback.server")
+access_log = logging.getLogger("piggyback.access")
+
+# Domain errors to HTTP statuses, looked up along the exception's MRO (most specific first).
+STATUS_BY_ERROR: dict[type[PiggybackError], int] = {
+    InvalidTaskNameError: 422,
+    TaskNotFoundError: 404,
+    FingerprintMismatchError: 409,
+    BackboneMismatchError: 409,
+    TaskFileError: 422,
+    ImageTooLargeError: 413,
+    ImageDecodeError: 422,
+    PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    BadRequestError: 422,
+    AuthenticationError: 401,
+    ManagementDisabledError: 403,
+    QueueFullError: 503,
+    NotReadyError: 503,
+    DeadlineExceededError: 504,
+    StoreError: 503,
+    EngineError: 500,
+    PiggybackError: 500,
+}
+
+
+def status_for(exc: PiggybackError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+@dataclass
+class Services:
+    settings: Settings
+    backbone: Backbone
+    engine: Engine
+    registry: TaskRegistry
+    batcher: Batcher
+    decoder: ThreadPoolExecutor
+
+
+def _dtype(settings: Settings, device: str) -> torch.dtype:
+    if settings.dtype == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
+
+
+def _build(settings: Settings, metrics: Metrics) -> Services:
+    device = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
+    device = "cpu" if device == "auto" else device
+    backbone = load_backbone(settings.backbone, weights=settings.weights, seed=settings.seed)
+    engine = Engine(backbone, device=device, dtype=_dtype(settings, device), cache_bytes=settings.cache_bytes)
+    registry = TaskRegistry(engine, FileSystemStore(settings.store))
+    report = registry.sync()
+    for name, reason in report.failed.items():
+        log.error("skipped task %r: %s", name, reason)
+    log.info("loaded %d task(s) from %s", len(report.loaded), settings.store)
+    # Warm-up: one batch through every code path the first request would take.
+    size = backbone.preprocessing.crop_size
+    with torch.inference_mode():
+        engine.model(torch.zeros(1, 3, size, size, device=engine.device, dtype=engine.dtype))
+    for task in list(engine.tasks.values())[:1]:
+        engine.run(task, torch.zeros(1, 3, size, size))
+
+    def on_batch(stats: BatchStats) -> None:
+        metrics.batch_size.observe(stats.size)
+        metrics.batch_tasks.observe(stats.tasks)
+        metrics.compute_seconds.observe(stats.compute_s)
+        for wait in stats.queue_waits_s:
+            metrics.queue_seconds.observe(wait)
+
+    policy = BatchPolicy(
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000,
+        queue_size=settings.queue_size,
+        timeout_s=settings.request_timeout_s,
+    )
+    batcher = Batcher(engine, policy, on_batch=on_batch, on_depth=metrics.queue_depth.set)
+    decoder = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="piggyback-decode")
+    return Services(settings, backbone, engine, registry, batcher, decoder)
+
+
+def services_of(request: Request) -> Services:
+    """The app's services once loaded and warmed up; NotReadyError (503) before."""
+    services: Services | None = request.app.state.services
+    if services is None:
+        if request.app.state.startup_error is not None:
+            raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
+        raise NotReadyError()
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(services_of)]
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = None
+        app.state.startup_error = None
+
+        async def start() -> None:
+            try:
+                services = await run_in_threadpool(_build, settings, metrics)
+                await services.batcher.start()
+                app.state.services = services
+                _refresh_gauges(services)
+                metrics.ready.set(1)
+                log.info("ready: %s on %s", services.backbone.arch, services.engine.device)
+            except Exception as exc:
+                app.state.startup_error = exc
+                log.exception("start-up failed")
+
+        async def poll_store() -> None:
+            while True:
+                await asyncio.sleep(settings.store_poll_s)
+                services = app.state.services
+                if services is None:
+                    continue
+                try:
+                    report = await run_in_threadpool(services.registry.sync)
+                except PiggybackError as exc:
+                    log.error("store sync failed: %s", exc)
+                    continue
+                metrics.store_syncs.labels("loaded").inc(len(report.loaded))
+                metrics.store_syncs.labels("removed").inc(len(report.removed))
+                if report.loaded or report.removed:
+                    log.info("store sync: loaded %s, removed %s", report.loaded, report.removed)
+                    _refresh_gauges(services)
+
+        starter = asyncio.create_task(start())
+        poller = asyncio.create_task(poll_store())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            await starter
+            services = app.state.services
+            if services is not None:
+                await services.batcher.stop(drain_timeout_s=settings.request_timeout_s)
+                services.decoder.shutdown(wait=False)
+
+    def _refresh_gauges(services: Services) -> None:
+        metrics.tasks_loaded.set(len(services.engine.tasks))
+        metrics.mask_bytes.set(services.engine.resident_mask_bytes)
+
+    app = FastAPI(
+        title="piggyback-server",
+        version=__version__,
+        description="Many image classifiers served from one frozen backbone with 1-bit Piggyback masks.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    @app.exception_handler(PiggybackError)
+    async def domain_error(request: Request, exc: PiggybackError) -> JSONResponse:
+        status = status_for(exc)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
+        if isinstance(exc, NotReadyError):
+            headers = {"Retry-After": "5"}
+        if status >= 500 and status not in (503, 504):
+            log.error("internal error on %s: %r", request.url.path, exc)
+            return _error(status, "internal error")
+        return _error(status, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'query')}: {e.get('msg')}" for e in exc.errors()]
+        return _error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal error")
+
+    def require_bearer(request: Request, expected: str | None) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise AuthenticationError("missing bearer token (Authorization: Bearer <token>)")
+        assert expected is not None
+        if not hmac.compare_digest(presented.encode(), expected.encode()):
+            raise AuthenticationError("invalid bearer token")
+
+    def management_auth(request: Request) -> None:
+        if settings.token is not None:
+            require_bearer(request, settings.token.get_secret_value())
+        elif not settings.allow_unauthenticated:
+            raise ManagementDisabledError()
+
+    def classify_auth(request: Request) -> None:
+        if settings.classify_token is not None:
+            require_bearer(request, settings.classify_token.get_secret_value())
+
+    async def read_body(request: Request, limit: int, what: str) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise PayloadTooLargeError(limit=limit, what=what)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(limit=limit, what=what)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def image_bytes(request: Request) -> bytes:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type.startswith("image/"):
+            return await read_body(request, settings.max_image_bytes, "image")
+        if content_type != "multipart/form-data":
+            raise UnsupportedMediaTypeError(
+                f"content type {content_type or 'missing'!r} is not an image: send image/* or "
+                "multipart/form-data with a field 'image'"
+            )
+        body = await read_body(request, settings.max_image_bytes + 64 * 1024, "upload")
+
+        async def stream() -> AsyncGenerator[bytes, None]:
+            yield body
+
+        parser = MultiPartParser(
+            Headers(raw=request.headers.raw), stream(), max_files=4, max_fields=16, max_part_size=1024 * 1024
+        )
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise BadRequestError(f"malformed multipart body: {exc.message}") from exc
+        try:
+            field = form.get("image")
+            if field is None or isinstance(field, str):
+                raise BadRequestError("multipart body has no file field 'image'")
+            data = await field.read()
+        finally:
+            await form.close()
+        if len(data) > settings.max_image_bytes:
+            raise PayloadTooLargeError(limit=settings.max_image_bytes, what="image")
+        return data
+
+    def _prepare(services: Services, task: LoadedTask, data: bytes) -> torch.Tensor:
+        image = decode_image(data, max_pixels=settings.max_image_pixels)
+        return (task.file.preprocessing or services.backbone.preprocessing)(image)
+
+    @app.post(
+        "/classify/{task}",
+        response_model=ClassifyResponse,
+        dependencies=[Depends(classify_auth)],
+        responses=_errors(401, 404, 413, 415, 422, 503, 504),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                            "required": ["image"],
+                        }
+                    },
+                },
+            }
+        },
+        summary="Classify one image with a task",
+    )
+    async def classify(
+        task: str,
+        request: Request,
+        services: ServicesDep,
+        top_k: Annotated[int, Query(ge=1, le=1000, description="number of predictions")] = 5,
+    ) -> ClassifyResponse:
+        started = time.perf_counter()
+        status, label, batch_size = 500, "_unknown", 0
+        try:
+            validate_task_name(task)
+            loaded = services.engine.get_task(task)
+            label = task
+            data = await image_bytes(request)
+            loop = asyncio.get_running_loop()
+            tensor = await loop.run_in_executor(services.decoder, _prepare, services, loaded, data)
+            logits, batch_size = await services.batcher.submit(loaded, tensor)
+            predictions = predictions_from_logits(logits, loaded.labels, top_k)
+            status = 200
+            return ClassifyResponse(
+                task=task,
+                version=loaded.version,
+                predictions=[vars(p) for p in predictions],
+                batch_size=batch_size,
+            )
+        except PiggybackError as exc:
+            status = status_for(exc)
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.requests.labels(label, str(status)).inc()
+            if status == 200:
+                metrics.request_seconds.labels(label).observe(elapsed)
+            access_log.info(
+                "classify task=%s status=%d latency_ms=%.1f batch_size=%d",
+                task[:64],
+                status,
+                elapsed * 1000,
+                batch_size,
+            )
+
+    def _summary(task: LoadedTask) -> dict[str, Any]:
+        return task.file.summary() | {"version": task.version}
+
+    @app.get("/tasks", response_model=TaskListResponse, summary="List registered tasks")
+    async def list_tasks(services: ServicesDep) -> TaskListResponse:
+        tasks = sorted(services.engine.tasks.values(), key=lambda t: t.name)
+        failed = dict.fromkeys(services.registry.failed, "cannot be loaded; see the server log")
+        return TaskListResponse(tasks=[TaskSummaryPublic(**_summary(t)) for t in tasks], failed=failed)
+
+    @app.get("/tasks/{task}", response_model=TaskPublic, responses=_errors(404, 422, 503), summary="One task")
+    async def get_task(task: str, services: ServicesDep) -> TaskPublic:
+        validate_task_name(task)
+        return TaskPublic(**_summary(services.engine.get_task(task)))
+
+    @app.put(
+        "/tasks/{task}",
+        response_model=TaskPublic,
+        status_code=201,
+        dependencies=[Depends(management_auth)],
+        responses={
+            200: {"model": TaskPublic, "description": "replaced"},
+            **_errors(401, 403, 409, 413, 422, 503),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+        summary="Register or replace a task (body: a task file)",
+    )
+    async def put_task(task: str, request: Request, response: Response, services: ServicesDep) -> TaskPublic:
+        validate_task_name(task)
+        data = await read_body(request, settings.max_task_bytes, "task file")
+        try:
+            registration = await run_in_threadpool(services.registry.register, task, data)
+        except PiggybackError:
+            metrics.registrations.labels("error").inc()
+            raise
+        metrics.registrations.labels("created" if registration.created else "replaced").inc()
+        _refresh_gauges(services)
+        response.status_code = 201 if registration.created else 200
+        log.info("task %r %s (version %s)", task, "registered" if registration.created else "replaced",
+                 registration.task.version)  # fmt: skip
+        return TaskPublic(**_summary(registration.task))
+
+    @app.delete(
+        "/tasks/{task}",
+        status_code=204,
+        dependencies=[Depends(management_auth)],
+        responses=_errors(401, 403, 404, 422, 503),
+        summary="Unregister a task (requests already admitted finish first)",
+    )
+    async def delete_task(task: str, services: ServicesDep) -> Response:
+        validate_task_name(task)
+        await run_in_threadpool(services.registry.delete, task)
+        metrics.deletions.inc()
+        _refresh_gauges(services)
+        log.info("task %r deleted", task)
+        return Response(status_code=204)
+
+    @app.get("/healthz", response_model=HealthResponse, summary="Liveness")
+    async def healthz() -> HealthResponse:
+        return HealthResponse(status="ok")
+
+    @app.get("/readyz", response_model=ReadyResponse, responses=_errors(503), summary="Readiness")
+    async def readyz(services: ServicesDep) -> ReadyResponse:
+        return ReadyResponse(
+            status="ready",
+            backbone=services.backbone.arch,
+            fingerprint=services.backbone.fingerprint,
+            device=str(services.engine.device),
+            tasks=len(services.engine.tasks),
+        )
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        services = app.state.services
+        if services is not None:
+            metrics.queue_depth.set(services.batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

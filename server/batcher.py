@@ -1,0 +1,204 @@
+"""The dynamic batcher: one scheduler owns the device.
+
+Requests wait in per-task FIFO queues with one bound on their total (``queue_size``); a full queue
+answers at once (QueueFullError -> 503 + Retry-After) instead of growing. A batch closes when it
+holds ``max_batch_size`` requests or when its oldest request has waited ``max_wait``.
+
+**Fairness.** A batch is filled round-robin over the tasks that have requests waiting, oldest
+request first within each task, in the order of each task's oldest request. A hot task with a
+thousand requests queued and a cold one with a single request both get a place in the next batch:
+no task waits behind another's backlog for more than one batch.
+
+**Deadlines.** Each request carries a deadline. One that expires while queued is answered with
+DeadlineExceededError (-> 504) and never reaches the device; its caller stops waiting at the
+deadline in any case.
+
+Batches mix tasks and run through :meth:`Engine.run_mixed` on a single worker thread, so the event
+loop stays free for HTTP and decoding. Requests hold the :class:`LoadedTask` they were admitted
+with, so replacing or deleting a task never fails a request already admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from piggyback_core import Engine, LoadedTask
+
+from .errors import DeadlineExceededError, NotReadyError, QueueFullError
+
+__all__ = ["BatchPolicy", "BatchStats", "Batcher"]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 32
+    max_wait_s: float = 0.005
+    queue_size: int = 256
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    size: int
+    tasks: int
+    queue_waits_s: list[float]
+    compute_s: float
+
+
+@dataclass(eq=False)
+class _Request:
+    task: LoadedTask
+    image: Tensor
+    enqueued: float
+    deadline: float
+    future: asyncio.Future[tuple[Tensor, int]] = field(repr=False)
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        policy: BatchPolicy,
+        *,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.policy = policy
+        self._queues: OrderedDict[str, deque[_Request]] = OrderedDict()
+        self._pending = 0
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piggyback-device")
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._on_batch = on_batch or (lambda _: None)
+        self._on_depth = on_depth or (lambda _: None)
+
+    @property
+    def depth(self) -> int:
+        return self._pending
+
+    async def start(self) -> None:
+        self._accepting = True
+        self._task = asyncio.create_task(self._run(), name="piggyback-batcher")
+
+    async def stop(self, *, drain_timeout_s: float = 30.0) -> None:
+        """Stop admitting requests, answer the queued ones (up to ``drain_timeout_s``), stop."""
+        self._accepting = False
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        for queue in self._queues.values():
+            for req in queue:
+                if not req.future.done():
+                    req.future.set_exception(NotReadyError("the server is shutting down"))
+        self._queues.clear()
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, task: LoadedTask, image: Tensor) -> tuple[Tensor, int]:
+        """Logits for one image of ``task`` and the size of the batch that computed them."""
+        if not self._accepting:
+            raise NotReadyError("the server is not accepting requests")
+        if self._pending >= self.policy.queue_size:
+            raise QueueFullError(limit=self.policy.queue_size)
+        now = time.monotonic()
+        future: asyncio.Future[tuple[Tensor, int]] = asyncio.get_running_loop().create_future()
+        req = _Request(task, image, now, now + self.policy.timeout_s, future)
+        self._queues.setdefault(task.name, deque()).append(req)
+        self._pending += 1
+        self._on_depth(self._pending)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.policy.timeout_s)
+        except TimeoutError:
+            if not future.done():
+                future.cancel()  # the scheduler skips it
+            raise DeadlineExceededError(timeout_s=self.policy.timeout_s) from None
+
+    def _oldest(self) -> float | None:
+        heads = [q[0].enqueued for q in self._queues.values() if q]
+        return min(heads) if heads else None
+
+    def _take(self) -> list[_Request]:
+        """Up to max_batch_size live requests, round-robin over tasks by their oldest request."""
+        now = time.monotonic()
+        order = sorted((q[0].enqueued, name) for name, q in self._queues.items() if q)
+        names = [name for _, name in order]
+        batch: list[_Request] = []
+        while names and len(batch) < self.policy.max_batch_size:
+            for name in list(names):
+                queue = self._queues[name]
+                while queue:
+                    req = queue.popleft()
+                    self._pending -= 1
+                    if req.future.done():
+                        continue  # its caller gave up
+                    if req.deadline <= now:
+                        req.future.set_exception(DeadlineExceededError(timeout_s=self.policy.timeout_s))
+                        continue
+                    batch.append(req)
+                    break
+                if not queue:
+                    names.remove(name)
+                    del self._queues[name]
+                if len(batch) >= self.policy.max_batch_size:
+                    break
+        self._on_depth(self._pending)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._accepting or self._pending:
+            if not self._pending:
+                self._wakeup.clear()
+                if not self._accepting:
+                    break
+                await self._wakeup.wait()
+                continue
+            oldest = self._oldest()
+            if oldest is not None and self._accepting and self._pending < self.policy.max_batch_size:
+                delay = oldest + self.policy.max_wait_s - time.monotonic()
+                if delay > 0:
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), delay)
+                    continue
+            batch = self._take()
+            if batch:
+                await self._execute(loop, batch)
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        started = time.monotonic()
+        # Tasks may be trained at different resolutions: one engine call per input shape.
+        groups: dict[tuple[int, ...], list[_Request]] = {}
+        for req in batch:
+            groups.setdefault(tuple(req.image.shape), []).append(req)
+        for reqs in groups.values():
+            images = torch.stack([r.image for r in reqs])
+            tasks = [r.task for r in reqs]
+            try:
+                rows = await loop.run_in_executor(self._executor, self.engine.run_mixed, images, tasks)
+            except Exception as exc:  # noqa: BLE001 - delivered to each waiting request
+                for r in reqs:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+                continue
+            for r, logits in zip(reqs, rows, strict=True):
+                if not r.future.done():
+                    r.future.set_result((logits, len(batch)))
+        waits = [started - r.enqueued for r in batch]
+        self._on_batch(BatchStats(len(batch), len({r.task.name for r in batch}), waits, time.monotonic() - started))

@@ -1,0 +1,77 @@
+"""Errors of the web layer, in the same tree as the core's (under PiggybackError):
+
+PiggybackError
+└── ServerError
+    ├── NotReadyError               the backbone is still loading or warming up   -> 503
+    ├── QueueFullError              the request queue is at its bound             -> 503 + Retry-After
+    ├── DeadlineExceededError       the request waited past its deadline          -> 504
+    ├── PayloadTooLargeError        a body over the upload limit                  -> 413
+    ├── UnsupportedMediaTypeError   not an image/* body nor multipart with 'image' -> 415
+    ├── BadRequestError             a malformed request (e.g. broken multipart)   -> 422
+    ├── AuthenticationError         no or wrong bearer token                      -> 401
+    └── ManagementDisabledError     no token configured, management refused       -> 403
+"""
+
+from __future__ import annotations
+
+from piggyback_core import PiggybackError
+
+__all__ = [
+    "AuthenticationError",
+    "BadRequestError",
+    "DeadlineExceededError",
+    "ManagementDisabledError",
+    "NotReadyError",
+    "PayloadTooLargeError",
+    "QueueFullError",
+    "ServerError",
+    "UnsupportedMediaTypeError",
+]
+
+
+class ServerError(PiggybackError):
+    pass
+
+
+class NotReadyError(ServerError):
+    def __init__(self, message: str = "the server is starting: backbone not loaded and warmed up yet") -> None:
+        super().__init__(message)
+
+
+class QueueFullError(ServerError):
+    def __init__(self, *, limit: int, retry_after_s: int = 1) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the server is at capacity ({limit} requests queued); retry shortly")
+
+
+class DeadlineExceededError(ServerError):
+    def __init__(self, *, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(f"the request was not served within its deadline of {timeout_s:g} s")
+
+
+class PayloadTooLargeError(ServerError):
+    def __init__(self, *, limit: int, what: str = "body") -> None:
+        self.limit = limit
+        super().__init__(f"{what} is larger than the limit of {limit:,} bytes")
+
+
+class UnsupportedMediaTypeError(ServerError):
+    pass
+
+
+class BadRequestError(ServerError):
+    pass
+
+
+class AuthenticationError(ServerError):
+    pass
+
+
+class ManagementDisabledError(ServerError):
+    def __init__(self) -> None:
+        super().__init__(
+            "task management is disabled: no token is configured (set PIGGYBACK_TOKEN, or "
+            "PIGGYBACK_ALLOW_UNAUTHENTICATED=true for local development only)"
+        )

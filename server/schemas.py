@@ -1,0 +1,75 @@
+"""Request and response bodies of the HTTP API (names end in Response / Public, as in the template)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "ClassifyResponse",
+    "ErrorResponse",
+    "HealthResponse",
+    "PredictionPublic",
+    "ReadyResponse",
+    "TaskListResponse",
+    "TaskPublic",
+    "TaskSummaryPublic",
+]
+
+
+class PredictionPublic(BaseModel):
+    label: str
+    index: int = Field(description="row of the task head")
+    score: float = Field(description="softmax probability")
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    version: str = Field(description="version of the task that answered (changes with every upload)")
+    predictions: list[PredictionPublic]
+    batch_size: int = Field(description="requests in the batch that computed this answer")
+
+
+class TaskSummaryPublic(BaseModel):
+    task: str
+    version: str
+    num_labels: int
+    backbone: str
+    fingerprint: str
+    mask_kind: str
+    bits_per_parameter: float
+    density: float
+    provenance: dict[str, Any]
+
+
+class TaskPublic(TaskSummaryPublic):
+    labels: list[str]
+    threshold: float
+    masked_out: float
+    mask_bytes: int
+    head_bytes: int
+    per_task_batchnorm: list[str]
+    preprocessing: dict[str, Any] | None
+    format_version: str
+
+
+class TaskListResponse(BaseModel):
+    tasks: list[TaskSummaryPublic]
+    failed: dict[str, str] = Field(description="tasks in the store that could not be loaded, with the reason")
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    backbone: str
+    fingerprint: str
+    device: str
+    tasks: int
+
+
+class ErrorResponse(BaseModel):
+    detail: str

@@ -1,0 +1,56 @@
+"""All configuration: one pydantic-settings class, ``PIGGYBACK_*`` environment variables, each
+also a ``piggyback serve`` flag. Validated when built: a bad value stops the process at start."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from piggyback_core import list_backbones
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIGGYBACK_", extra="ignore", frozen=True)
+
+    backbone: str = Field("resnet50", description="backbone architecture")
+    weights: str = Field("IMAGENET1K_V1", description="torchvision weights name, a local file, or 'random'")
+    seed: int = Field(0, description="seed for --weights random")
+    store: Path = Field(Path("store"), description="directory of task files (shared by replicas)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: SecretStr | None = Field(None, description="bearer token for PUT/DELETE /tasks")
+    allow_unauthenticated: bool = Field(False, description="accept management calls without a token (dev only)")
+    classify_token: SecretStr | None = Field(None, description="if set, /classify needs this bearer token")
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    queue_size: int = Field(256, ge=1, description="requests waiting at most; beyond it: 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a classify request")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_task_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    store_poll_s: float = Field(2.0, gt=0, description="how often the store is checked for other replicas' changes")
+    cache_bytes: int = Field(0, ge=0, description="LRU of materialised task weights, in bytes")
+    decode_threads: int = Field(2, ge=1, le=64)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in list_backbones():
+            raise ValueError(f"unknown backbone {value!r}; available: {', '.join(list_backbones())}")
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

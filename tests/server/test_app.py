@@ -1,0 +1,187 @@
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from piggyback_core import Backbone, Engine, FileSystemStore, evaluate_task, load_backbone
+from tests.conftest import make_image_folder
+from tests.server.conftest import AUTH, AppFactory, small_task
+
+
+def encode(fmt: str, mode: str = "RGB", size: tuple[int, int] = (48, 40), **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color=(200, 30, 30) if mode == "RGB" else 120).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def store_with_task(tmp_path: Path, resnet18: Backbone) -> Path:
+    store = FileSystemStore(tmp_path / "store")
+    store.put("flowers", small_task(resnet18, "flowers", num_labels=4).to_bytes())
+    return tmp_path / "store"
+
+
+@pytest.mark.parametrize(
+    "fmt,content_type",
+    [
+        ("JPEG", "image/jpeg"),
+        ("PNG", "image/png"),
+        ("WEBP", "image/webp"),
+        ("BMP", "image/bmp"),
+        ("GIF", "image/gif"),
+    ],
+)
+def test_classify_accepts_every_supported_format_raw_and_multipart(
+    app_client: AppFactory, store_with_task: Path, fmt: str, content_type: str
+) -> None:
+    data = encode(fmt)
+    with app_client() as client:
+        raw = client.post("/classify/flowers?top_k=2", content=data, headers={"Content-Type": content_type})
+        form = client.post("/classify/flowers?top_k=2", files={"image": ("x", data, content_type)})
+    for r in (raw, form):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["task"] == "flowers" and len(body["predictions"]) == 2 and body["version"]
+        assert body["predictions"][0]["score"] >= body["predictions"][1]["score"]
+        assert {p["label"] for p in body["predictions"]} <= {f"class-{i}" for i in range(4)}
+    assert raw.json()["predictions"] == form.json()["predictions"]
+
+
+def test_every_contract_error_status_has_a_json_detail(app_client: AppFactory, store_with_task: Path) -> None:
+    png = encode("PNG")
+    with app_client(max_image_bytes=10_000) as client:
+
+        def post(task: str, body: bytes, content_type: str) -> httpx.Response:
+            return client.post(f"/classify/{task}", content=body, headers={"Content-Type": content_type})
+
+        cases = {
+            404: post("unknown", png, "image/png"),
+            413: post("flowers", b"\x89PNG" + b"0" * 20_000, "image/png"),
+            415: post("flowers", png, "application/pdf"),
+            422: post("flowers", b"%PDF-1.4 not an image", "image/jpeg"),
+        }
+        bad_top_k = client.post("/classify/flowers?top_k=0", content=png, headers={"Content-Type": "image/png"})
+        bad_name = client.post("/classify/..%2Fetc", content=png, headers={"Content-Type": "image/png"})
+        no_field = client.post("/classify/flowers", files={"picture": ("x", png, "image/png")})
+    for status, r in cases.items():
+        assert r.status_code == status, (status, r.text)
+        assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    assert bad_top_k.status_code == 422 and "top_k" in bad_top_k.json()["detail"]
+    assert bad_name.status_code in (404, 422)
+    assert no_field.status_code == 422 and "'image'" in no_field.json()["detail"]
+
+
+def test_a_request_that_waits_past_its_deadline_is_answered_504(app_client: AppFactory, store_with_task: Path) -> None:
+    with app_client(request_timeout_s=0.05, max_wait_ms=400, max_batch_size=8) as client:
+        r = client.post("/classify/flowers", content=encode("PNG"), headers={"Content-Type": "image/png"})
+    assert r.status_code == 504 and "deadline" in r.json()["detail"]
+
+
+def test_put_registers_a_task_that_is_classifiable_at_once_and_matches_eval(
+    app_client: AppFactory, resnet18: Backbone, tmp_path: Path
+) -> None:
+    task = small_task(resnet18, "colours", num_labels=3, labels=["blue", "green", "red"])
+    data_dir = make_image_folder(tmp_path / "data", n_train=1, n_val=3)
+    engine = Engine(load_backbone("resnet18", weights="random"))
+    engine.add_task(task)
+    report = evaluate_task(engine, "colours", data_dir / "val")
+    with app_client() as client:
+        assert client.get("/tasks/colours").status_code == 404
+        r = client.put("/tasks/colours", content=task.to_bytes(), headers=AUTH)
+        assert r.status_code == 201 and r.json()["labels"] == list(task.labels)
+        for prediction in report.predictions:
+            image = (data_dir / "val" / prediction["path"]).read_bytes()
+            served = client.post("/classify/colours", content=image, headers={"Content-Type": "image/png"})
+            top = served.json()["predictions"]
+            assert [p["label"] for p in top] == [p["label"] for p in prediction["top"]]
+            assert [p["score"] for p in top] == pytest.approx([p["score"] for p in prediction["top"]], abs=1e-5)
+        replaced = client.put(
+            "/tasks/colours", content=small_task(resnet18, "colours", seed=9).to_bytes(), headers=AUTH
+        )
+        assert replaced.status_code == 200 and replaced.json()["version"] != r.json()["version"]
+
+
+def test_management_needs_the_token_and_is_refused_without_one_configured(
+    app_client: AppFactory, resnet18: Backbone, tmp_path: Path
+) -> None:
+    data = small_task(resnet18, "flowers").to_bytes()
+    with app_client() as client:
+        assert client.put("/tasks/flowers", content=data).status_code == 401
+        assert client.put("/tasks/flowers", content=data, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.put("/tasks/flowers", content=data, headers={"Authorization": "Basic x"}).status_code == 401
+        assert client.delete("/tasks/flowers").status_code == 401
+        assert client.get("/tasks").json()["tasks"] == []
+    with app_client(token=None, store=tmp_path / "other") as client:
+        r = client.put("/tasks/flowers", content=data)
+        assert r.status_code == 403 and "PIGGYBACK_TOKEN" in r.json()["detail"]
+    with app_client(token=None, allow_unauthenticated=True, store=tmp_path / "dev") as client:
+        assert client.put("/tasks/flowers", content=data).status_code == 201
+
+
+def test_bad_task_uploads_are_refused_and_change_nothing(
+    app_client: AppFactory, store_with_task: Path, resnet18: Backbone
+) -> None:
+    foreign = small_task(load_backbone("resnet18", weights="random", seed=1), "flowers")
+    good = small_task(resnet18, "flowers", seed=3).to_bytes()
+    with app_client(max_task_bytes=len(good) + 10) as client:
+        before = client.get("/tasks/flowers").json()
+        r = client.put("/tasks/flowers", content=foreign.to_bytes(), headers=AUTH)
+        assert r.status_code == 409 and foreign.fingerprint in r.json()["detail"]
+        assert client.put("/tasks/flowers", content=good[:-100], headers=AUTH).status_code == 422
+        assert client.put("/tasks/flowers", content=good + b"x" * 100, headers=AUTH).status_code == 413
+        assert client.put("/tasks/Bad%20Name", content=good, headers=AUTH).status_code == 422
+        assert client.get("/tasks/flowers").json() == before
+    assert [t.name for t in FileSystemStore(store_with_task).list()] == ["flowers"]
+
+
+def test_delete_unregisters_and_a_restart_serves_what_the_store_holds(
+    app_client: AppFactory, store_with_task: Path, resnet18: Backbone
+) -> None:
+    with app_client() as client:
+        assert (
+            client.put("/tasks/birds", content=small_task(resnet18, "birds").to_bytes(), headers=AUTH).status_code
+            == 201
+        )
+        assert client.delete("/tasks/flowers", headers=AUTH).status_code == 204
+        assert client.delete("/tasks/flowers", headers=AUTH).status_code == 404
+        assert (
+            client.post("/classify/flowers", content=encode("PNG"), headers={"Content-Type": "image/png"}).status_code
+            == 404
+        )
+    with app_client() as client:  # a restart over the same store
+        assert [t["task"] for t in client.get("/tasks").json()["tasks"]] == ["birds"]
+        assert (
+            client.post("/classify/birds", content=encode("PNG"), headers={"Content-Type": "image/png"}).status_code
+            == 200
+        )
+
+
+def test_a_broken_file_in_the_store_is_reported_and_the_server_still_starts(
+    app_client: AppFactory, store_with_task: Path
+) -> None:
+    (store_with_task / "broken.safetensors").write_bytes(b"\x00" * 100)
+    with app_client() as client:
+        listing = client.get("/tasks").json()
+        assert [t["task"] for t in listing["tasks"]] == ["flowers"] and "broken" in listing["failed"]
+
+
+def test_health_readiness_metrics_and_openapi(app_client: AppFactory, store_with_task: Path) -> None:
+    with app_client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["tasks"] == 1 and ready["fingerprint"].startswith("sha256:")
+        client.post("/classify/flowers", content=encode("PNG"), headers={"Content-Type": "image/png"})
+        text = client.get("/metrics").text
+        for name in (
+            'piggyback_requests_total{status="200",task="flowers"} 1.0', "piggyback_request_duration_seconds_bucket",
+            "piggyback_queue_wait_seconds_bucket", "piggyback_batch_compute_seconds_bucket",
+            "piggyback_batch_size_bucket", "piggyback_batch_tasks_bucket", "piggyback_queue_depth",
+            "piggyback_tasks_loaded 1.0", "piggyback_mask_resident_bytes", "piggyback_task_registrations_total",
+        ):  # fmt: skip
+            assert name in text, name
+        schema = client.get("/openapi.json").json()
+        classify = schema["paths"]["/classify/{task}"]["post"]
+        assert {"404", "413", "415", "422", "503", "504"} <= set(classify["responses"])
+        assert {"401", "403", "409", "413", "422"} <= set(schema["paths"]["/tasks/{task}"]["put"]["responses"])

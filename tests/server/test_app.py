@@ -1,4 +1,5 @@
 import io
+import time
 from pathlib import Path
 
 import httpx
@@ -185,3 +186,31 @@ def test_health_readiness_metrics_and_openapi(app_client: AppFactory, store_with
         classify = schema["paths"]["/classify/{task}"]["post"]
         assert {"404", "413", "415", "422", "503", "504"} <= set(classify["responses"])
         assert {"401", "403", "409", "413", "422"} <= set(schema["paths"]["/tasks/{task}"]["put"]["responses"])
+
+
+def test_classification_needs_a_token_only_when_one_is_configured(
+    app_client: AppFactory, store_with_task: Path
+) -> None:
+    png, headers = encode("PNG"), {"Content-Type": "image/png"}
+    with app_client(classify_token="reader-token") as client:
+        assert client.post("/classify/flowers", content=png, headers=headers).status_code == 401
+        ok = client.post("/classify/flowers", content=png, headers={**headers, "Authorization": "Bearer reader-token"})
+        assert ok.status_code == 200
+
+
+def test_a_failed_start_keeps_readyz_at_503_with_the_reason_and_healthz_alive(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.server.conftest import settings_for
+
+    app = create_app(settings_for(tmp_path / "store", weights=str(tmp_path / "missing.pth")))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(100):
+            r = client.get("/readyz")
+            if "start-up failed" in r.json()["detail"]:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 503 and "missing.pth" in r.json()["detail"] and r.headers["retry-after"]
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/classify/x", content=b"x", headers={"Content-Type": "image/png"}).status_code == 503

@@ -1,0 +1,71 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from piggyback_core import ImageDecodeError, ImageTooLargeError, Preprocessing, decode_image
+
+
+def encode(img: Image.Image, fmt: str, **save: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_honoured() -> None:
+    img = Image.new("RGB", (60, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_image(encode(img, "JPEG", exif=exif.tobytes()))
+    assert decoded.size == (20, 60)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.new("L", (8, 6), 128),
+        lambda: Image.new("P", (8, 6), 3),
+        lambda: Image.new("RGBA", (8, 6), (1, 2, 3, 0)),
+        lambda: Image.new("LA", (8, 6), (9, 255)),
+        lambda: Image.fromarray(np.full((6, 8), 65535, dtype=np.uint16)),
+        lambda: Image.new("CMYK", (8, 6), (0, 255, 255, 0)),
+        lambda: Image.new("1", (8, 6), 1),
+    ],
+)
+def test_every_mode_becomes_8_bit_rgb(make) -> None:  # type: ignore[no-untyped-def]
+    img = make()
+    fmt = "JPEG" if img.mode == "CMYK" else "TIFF" if img.mode == "I;16" else "PNG"
+    decoded = decode_image(encode(img, fmt))
+    assert decoded.mode == "RGB" and decoded.size == (8, 6)
+    if img.mode == "I;16":
+        assert np.asarray(decoded).min() == 255  # full-scale 16-bit white stays white
+
+
+def test_an_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(data).getpixel((5, 5))[0] > 200
+
+
+def test_a_decompression_bomb_is_refused_from_its_header() -> None:
+    bomb = encode(Image.new("1", (5000, 5000)), "PNG")  # tiny file, 25 Mpx
+    with pytest.raises(ImageTooLargeError, match="25,000,000 pixels"):
+        decode_image(bomb, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"GIF89a", b"%PDF-1.7\n...", b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_garbage_and_truncated_images_are_decode_errors(data: bytes) -> None:
+    with pytest.raises(ImageDecodeError):
+        decode_image(data)
+
+
+def test_a_truncated_jpeg_is_a_decode_error() -> None:
+    data = encode(Image.new("RGB", (64, 64), (5, 6, 7)), "JPEG")
+    with pytest.raises(ImageDecodeError):
+        decode_image(data[: len(data) // 2])
+
+
+def test_preprocessing_rejects_impossible_sizes() -> None:
+    with pytest.raises(ValueError, match="crop_size"):
+        Preprocessing(resize_size=32, crop_size=64)

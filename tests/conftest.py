@@ -6,12 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from piggyback_core import Backbone, MaskKind, Preprocessing, TaskFile, load_backbone
+from scripts.demo import make_colour_dataset
 
 SMALL = Preprocessing(resize_size=36, crop_size=32)  # fast inputs for tests
 
@@ -89,20 +88,9 @@ def task_factory(resnet18: Backbone) -> TaskFactory:
     return factory
 
 
-COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
-
-
-def make_image_folder(root: Path, *, n_train: int = 24, n_val: int = 12, size: int = 40, seed: int = 0) -> Path:
-    """A small separable dataset in ImageFolder layout: noisy images of three colours."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for name, colour in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                noise = rng.normal(0, 40, (size, size, 3))
-                Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+def make_image_folder(root: Path, **kwargs: Any) -> Path:
+    """The demo's small separable dataset (noisy images of three colours), in ImageFolder layout."""
+    return make_colour_dataset(root, **kwargs)
 
 
 @pytest.fixture(scope="session")

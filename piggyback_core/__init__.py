@@ -74,7 +74,8 @@ from .masking import (
     use_plan,
 )
 from .names import TASK_NAME_PATTERN, validate_task_name
-from .store import FileSystemStore, MaskStore, StoreChanges, StoredTask, TaskBlob, diff_snapshots
+from .s3store import S3Store
+from .store import FileSystemStore, MaskStore, StoreChanges, StoredTask, TaskBlob, diff_snapshots, open_store
 from .taskfile import FORMAT_VERSION, LayerInfo, TaskFile
 from .trainer import EpochLog, TrainConfig, TrainResult, train
 
@@ -120,6 +121,7 @@ __all__ = [
     "Prediction",
     "Preprocessing",
     "ShardedBatchSampler",
+    "S3Store",
     "StoreChanges",
     "StoreError",
     "StoredTask",
@@ -138,6 +140,7 @@ __all__ = [
     "UnknownBackboneError",
     "WeightCache",
     "WeightsError",
+    "open_store",
     "__version__",
     "apply_packed_mask",
     "attach_scores",

@@ -33,6 +33,7 @@ __all__ = [
     "StoredTask",
     "TaskBlob",
     "diff_snapshots",
+    "open_store",
 ]
 
 SUFFIX = ".safetensors"
@@ -142,11 +143,14 @@ class FileSystemStore(MaskStore):
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
+                # The version of *our* bytes: a rename keeps inode and mtime, and a stat of the
+                # final path after the rename could already see another writer's file.
+                version = _version(os.fstat(fd))
             finally:
                 os.close(fd)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            return StoredTask(name=name, version=_version(final.stat()), size=len(data))
+            return StoredTask(name=name, version=version, size=len(data))
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot store task {name!r}: {exc.strerror}") from exc
@@ -205,3 +209,16 @@ class FileSystemStore(MaskStore):
             except FileNotFoundError:
                 continue
         return removed
+
+
+def open_store(location: str | Path) -> MaskStore:
+    """The store at ``location``: ``s3://bucket[/prefix]`` for an S3-compatible object store
+    (:class:`~piggyback_core.s3store.S3Store`), anything else a directory (:class:`FileSystemStore`)."""
+    text = str(location)
+    if text.startswith("s3://"):
+        from .s3store import S3Store
+
+        return S3Store(text)
+    if "://" in text:
+        raise StoreError(f"unsupported store location {text!r}: use a directory or s3://bucket[/prefix]")
+    return FileSystemStore(text)

@@ -32,7 +32,6 @@ from piggyback_core import (
     BackboneMismatchError,
     Engine,
     EngineError,
-    FileSystemStore,
     FingerprintMismatchError,
     ImageDecodeError,
     ImageTooLargeError,
@@ -45,6 +44,7 @@ from piggyback_core import (
     __version__,
     decode_image,
     load_backbone,
+    open_store,
     predictions_from_logits,
     validate_task_name,
 )
@@ -129,7 +129,7 @@ def _build(settings: Settings, metrics: Metrics) -> Services:
     device = "cpu" if device == "auto" else device
     backbone = load_backbone(settings.backbone, weights=settings.weights, seed=settings.seed)
     engine = Engine(backbone, device=device, dtype=_dtype(settings, device), cache_bytes=settings.cache_bytes)
-    registry = TaskRegistry(engine, FileSystemStore(settings.store))
+    registry = TaskRegistry(engine, open_store(settings.store))
     report = registry.sync()
     for name, reason in report.failed.items():
         log.error("skipped task %r: %s", name, reason)

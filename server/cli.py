@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from piggyback_core import Engine, FileSystemStore, PiggybackError, TaskFile, load_backbone
+from piggyback_core import Engine, PiggybackError, TaskFile, list_backbones, load_backbone, open_store
 
 __all__ = ["build_parser", "main"]
 
@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         task.save(args.out)
         where = args.out
     elif args.store:
-        FileSystemStore(args.store).put(task.name, task.to_bytes())
+        open_store(args.store).put(task.name, task.to_bytes())
         where = f"store {args.store}"
     else:
         where = f"{args.server} ({_upload(args.server, args.token or os.environ.get('PIGGYBACK_TOKEN'), task)})"
@@ -171,6 +171,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.predictions:
         for p in report.predictions:
             print(json.dumps(p))
+    return 0
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    """Load a backbone (downloading torchvision weights into $TORCH_HOME if they are not there yet)
+    and print its fingerprint: the Docker build uses it to bake the weights into the image, and
+    operators to check which task files a server will accept."""
+    backbone = load_backbone(args.backbone, weights=args.weights, seed=args.seed)
+    if args.json:
+        print(json.dumps({"backbone": backbone.arch, "weights": backbone.weights, "fingerprint": backbone.fingerprint}))
+    else:
+        print(backbone.fingerprint)
     return 0
 
 
@@ -277,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", help="write the task file (finetune: the full-model checkpoint) here")
-    dest.add_argument("--store", help="put the task into this store directory")
+    dest.add_argument("--store", help="put the task into this store (a directory or s3://bucket[/prefix])")
     dest.add_argument("--server", help="upload the task to this server (PUT /tasks/NAME)")
     p.add_argument("--token", default=None, help="bearer token for --server (default $PIGGYBACK_TOKEN)")
     p.set_defaults(func=cmd_train)
@@ -294,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, per_class)")
     p.add_argument("--predictions", action="store_true", help="also print every file's top-5 predictions")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "fingerprint",
+        help="load a backbone (fetching its weights once) and print its fingerprint",
+        description="Load a backbone, downloading torchvision weights into $TORCH_HOME if needed, and print the "
+        "fingerprint that task files must carry to be served by it.",
+    )
+    p.add_argument("--backbone", default="resnet50", choices=list_backbones())
+    p.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weights name, a local file, or 'random'")
+    p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_fingerprint)
     return parser
 
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from piggyback_core import list_backbones
@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     backbone: str = Field("resnet50", description="backbone architecture")
     weights: str = Field("IMAGENET1K_V1", description="torchvision weights name, a local file, or 'random'")
     seed: int = Field(0, description="seed for --weights random")
-    store: Path = Field(Path("store"), description="directory of task files (shared by replicas)")
+    store: str = Field(
+        "store", description="task files: a directory (shared by replicas over RWX/NFS) or s3://bucket[/prefix]"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float16 on CUDA, float32 on CPU"
@@ -29,8 +31,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: SecretStr | None = Field(None, description="bearer token for PUT/DELETE /tasks")
+    token_file: Path | None = Field(None, description="read the token from this file (a Docker or Kubernetes secret)")
     allow_unauthenticated: bool = Field(False, description="accept management calls without a token (dev only)")
     classify_token: SecretStr | None = Field(None, description="if set, /classify needs this bearer token")
+    classify_token_file: Path | None = Field(None, description="read the classify token from this file")
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
     queue_size: int = Field(256, ge=1, description="requests waiting at most; beyond it: 503")
@@ -42,6 +46,28 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(0, ge=0, description="LRU of materialised task weights, in bytes")
     decode_threads: int = Field(2, ge=1, le=64)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_location(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
+
+    @model_validator(mode="after")
+    def _tokens_from_files(self) -> Settings:
+        for field in ("token", "classify_token"):
+            path = getattr(self, f"{field}_file")
+            if path is None:
+                continue
+            if getattr(self, field) is not None:
+                raise ValueError(f"set {field} or {field}_file, not both")
+            try:
+                secret = Path(path).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read {field}_file {str(path)!r}: {exc}") from None
+            if not secret:
+                raise ValueError(f"{field}_file {str(path)!r} is empty")
+            object.__setattr__(self, field, SecretStr(secret))  # frozen model: set once, while validating
+        return self
 
     @field_validator("backbone")
     @classmethod

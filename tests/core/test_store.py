@@ -15,25 +15,8 @@ from piggyback_core import (
     FileSystemStore,
     InvalidTaskNameError,
     StoreError,
-    TaskNotFoundError,
     diff_snapshots,
 )
-
-
-def test_put_get_list_delete(tmp_path: Path) -> None:
-    store = FileSystemStore(tmp_path / "store")
-    stored = store.put("flowers", b"v1")
-    assert stored.size == 2 and store.get("flowers").data == b"v1"
-    assert store.get("flowers").version == stored.version
-    store.put("birds", b"v1")
-    assert [t.name for t in store.list()] == ["birds", "flowers"]
-    assert "birds" in store and "cars" not in store
-    store.delete("birds")
-    assert [t.name for t in store.list()] == ["flowers"]
-    with pytest.raises(TaskNotFoundError):
-        store.get("birds")
-    with pytest.raises(TaskNotFoundError):
-        store.delete("birds")
 
 
 def test_every_put_changes_the_version_even_with_identical_bytes(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from piggyback_core import Backbone, Engine, FileSystemStore, evaluate_task, load_backbone
+from piggyback_core import Backbone, Engine, FileSystemStore, S3Store, evaluate_task, load_backbone
 from tests.conftest import make_image_folder
 from tests.server.conftest import AUTH, AppFactory, small_task
 
@@ -157,6 +157,20 @@ def test_delete_unregisters_and_a_restart_serves_what_the_store_holds(
             client.post("/classify/birds", content=encode("PNG"), headers={"Content-Type": "image/png"}).status_code
             == 200
         )
+
+
+def test_an_s3_store_serves_registrations_across_restarts(
+    app_client: AppFactory, s3_url: str, resnet18: Backbone
+) -> None:
+    with app_client(store=s3_url) as client:
+        body = small_task(resnet18, "birds").to_bytes()
+        assert client.put("/tasks/birds", content=body, headers=AUTH).status_code == 201
+    with app_client(store=s3_url) as client:  # a restart: the bucket is the source of truth
+        assert [t["task"] for t in client.get("/tasks").json()["tasks"]] == ["birds"]
+        response = client.post("/classify/birds", content=encode("PNG"), headers={"Content-Type": "image/png"})
+        assert response.status_code == 200
+        assert client.delete("/tasks/birds", headers=AUTH).status_code == 204
+    assert S3Store(s3_url).list() == []
 
 
 def test_a_broken_file_in_the_store_is_reported_and_the_server_still_starts(

@@ -60,3 +60,30 @@ def test_a_failing_command_exits_non_zero_with_one_line_on_stderr(tmp_path: Path
 def test_every_command_has_help() -> None:
     result = subprocess.run([sys.executable, "-m", "server.cli", "inspect", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "TASK_FILE" in result.stdout
+
+
+def test_tokens_can_come_from_secret_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-from-a-file\n")
+    monkeypatch.setenv("PIGGYBACK_TOKEN_FILE", str(secret))
+    settings = Settings()
+    assert settings.token is not None and settings.token.get_secret_value() == "s3cret-from-a-file"
+    assert "s3cret" not in repr(settings)
+    with pytest.raises(ValidationError, match="not both"):
+        Settings(token="inline")
+    secret.write_text("  \n")
+    with pytest.raises(ValidationError, match="is empty"):
+        Settings()
+    monkeypatch.setenv("PIGGYBACK_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValidationError, match="cannot read token_file"):
+        Settings()
+
+
+def test_fingerprint_prints_what_task_files_must_carry(capsys: pytest.CaptureFixture[str], resnet18: Backbone) -> None:
+    assert main(["fingerprint", "--backbone", "resnet18", "--weights", "random", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"backbone": "resnet18", "weights": "random:0", "fingerprint": resnet18.fingerprint}

@@ -33,13 +33,59 @@ from .taskfile import TaskFile
 __all__ = ["Engine", "LoadedTask", "WeightCache", "apply_packed_mask"]
 
 
-def apply_packed_mask(weight: Tensor, packed: Tensor, kind: MaskKind) -> Tensor:
-    """``weight * mask`` for a packed mask, in ``weight``'s dtype and device (a new tensor)."""
-    if kind == "binary":
-        bits = unpack_binary(packed, weight.numel()).view(weight.shape)
-        return weight * bits.to(weight.dtype)
-    signs = unpack_ternary(packed, weight.numel()).view(weight.shape)
-    return weight * signs.to(weight.dtype)
+_LUTS: dict[tuple[MaskKind, torch.dtype, torch.device], Tensor] = {}
+_LUTS_LOCK = threading.Lock()
+
+
+def _mask_lut(kind: MaskKind, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every byte's unpacked values: ``[256, 8]`` of 0/1 (binary) or ``[256, 4]`` of -1/0/1
+    (ternary), in the weights' dtype and on their device; built once per (kind, dtype, device)."""
+    key = (kind, dtype, device)
+    lut = _LUTS.get(key)
+    if lut is None:
+        byte = torch.arange(256, dtype=torch.uint8)
+        if kind == "binary":
+            table = unpack_binary(byte, 256 * 8).view(256, 8)
+        else:
+            table = unpack_ternary(byte, 256 * 4).view(256, 4)  # code 0b11 never passes validation
+        lut = table.to(device=device, dtype=dtype).contiguous()
+        with _LUTS_LOCK:
+            lut = _LUTS.setdefault(key, lut)
+    return lut
+
+
+def apply_packed_mask(weight: Tensor, packed: Tensor, kind: MaskKind, *, out: Tensor | None = None) -> Tensor:
+    """``weight * mask`` for a packed mask, in ``weight``'s dtype and device.
+
+    Fused: one gather from a byte -> values lookup table straight into the result, then one
+    in-place multiply; no float or uint8 copy of the unpacked mask is ever made. ``out`` (flat,
+    at least ``packed.numel() * 8`` (binary) or ``* 4`` (ternary) elements) is reused when given,
+    which saves the allocation (and on CPU the page faults) of a fresh tensor per layer per batch."""
+    lut = _mask_lut(kind, weight.dtype, weight.device)
+    n = weight.numel()
+    full = packed.numel() * lut.shape[1]
+    if out is None:
+        out = torch.empty(full, dtype=weight.dtype, device=weight.device)
+    buffer = out[:full]
+    torch.index_select(lut, 0, packed.to(torch.int32), out=buffer.view(-1, lut.shape[1]))
+    result = buffer[:n]
+    result.mul_(weight.reshape(-1))
+    return result.view(weight.shape)
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch for weights that live only for one layer call (no cache): one buffer per
+    (device, dtype), grown to the largest layer, reused by every layer of every batch."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        buffer = self.buffers.get((device, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self.buffers[(device, dtype)] = buffer
+        return buffer
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,9 +157,12 @@ class WeightCache:
 class _Plan:
     """The MaskPlan of one forward pass: contiguous segments, one task each."""
 
-    def __init__(self, bounds: list[tuple[int, int]], tasks: list[LoadedTask], cache: WeightCache) -> None:
+    def __init__(
+        self, bounds: list[tuple[int, int]], tasks: list[LoadedTask], cache: WeightCache, workspace: _Workspace
+    ) -> None:
         self.bounds = bounds
         self.tasks = tasks
+        self.workspace = workspace
         use_cache = cache.max_bytes > 0
         self.cached = [cache.get((t.name, t.version)) if use_cache else None for t in tasks]
         self.fresh: list[dict[str, Tensor] | None] = [{} if use_cache and c is None else None for c in self.cached]
@@ -123,11 +172,17 @@ class _Plan:
         if cached is not None:
             return cached[key]
         task = self.tasks[segment]
-        w = apply_packed_mask(weight, task.masks[key], task.mask_kind)
+        packed = task.masks[key]
         fresh = self.fresh[segment]
-        if fresh is not None:
+        if fresh is not None:  # kept for the cache: a tensor of its own
+            w = apply_packed_mask(weight, packed, task.mask_kind)
             fresh[key] = w
-        return w
+            return w
+        # Used by this one layer call only (the layer runs before the next weight is asked for,
+        # and on CUDA in stream order), so the thread's scratch buffer serves every layer.
+        per_byte = 8 if task.mask_kind == "binary" else 4
+        out = self.workspace.take(packed.numel() * per_byte, weight.dtype, weight.device)
+        return apply_packed_mask(weight, packed, task.mask_kind, out=out)
 
     def norm(self, segment: int, name: str) -> NormParams | None:
         return self.tasks[segment].norms.get(name)
@@ -156,6 +211,7 @@ class Engine:
         self.dtype = dtype
         self.model = backbone.model.to(self.device, dtype).eval()
         self.cache = WeightCache(cache_bytes)
+        self._workspace = _Workspace()
         self._tasks: dict[str, LoadedTask] = {}
         self._lock = threading.Lock()
 
@@ -256,7 +312,7 @@ class Engine:
 
     def _forward(self, images: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> list[Tensor]:
         tasks = [t for _, _, t in segments]
-        plan = _Plan([(a, b) for a, b, _ in segments], tasks, self.cache)
+        plan = _Plan([(a, b) for a, b, _ in segments], tasks, self.cache, self._workspace)
         x = images.to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode(), use_plan(plan):
             features = self.model(x)

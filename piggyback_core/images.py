@@ -78,11 +78,19 @@ class Preprocessing:
         return asdict(self)
 
     def __call__(self, image: Image.Image) -> Tensor:
-        """A ``float32 [3, crop, crop]`` tensor from an RGB PIL image."""
+        """A ``float32 [3, crop, crop]`` tensor from an RGB PIL image.
+
+        Resizing and cropping run in PIL, the arithmetic in numpy: no torch operator runs here, so
+        decoding threads never touch torch's OpenMP pool (a second thread using it slows every
+        later forward pass of the thread that runs the model). Same results as torchvision's
+        ``resize``/``center_crop``/``pil_to_tensor``/``normalize``, which a test checks."""
         img = TF.resize(image, [self.resize_size], InterpolationMode(self.interpolation), antialias=True)
         img = TF.center_crop(img, [self.crop_size])
-        x = TF.pil_to_tensor(img).to(torch.float32).div_(255.0)
-        return TF.normalize(x, list(self.mean), list(self.std))
+        arr = np.asarray(img, dtype=np.float32)  # HWC, 0..255
+        arr = arr / np.float32(255.0)
+        arr -= np.asarray(self.mean, dtype=np.float32)
+        arr /= np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -71,13 +71,17 @@ class Batcher:
         *,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
         self._queues: OrderedDict[str, deque[_Request]] = OrderedDict()
         self._pending = 0
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piggyback-device")
+        # The one thread that runs tensor work (see server.app: every torch op of the process runs
+        # there, because a second thread using torch's OpenMP pool slows every later forward pass).
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="piggyback-device")
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._on_batch = on_batch or (lambda _: None)
@@ -107,7 +111,8 @@ class Batcher:
                 if not req.future.done():
                     req.future.set_exception(NotReadyError("the server is shutting down"))
         self._queues.clear()
-        self._executor.shutdown(wait=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
 
     async def submit(self, task: LoadedTask, image: Tensor) -> tuple[Tensor, int]:
         """Logits for one image of ``task`` and the size of the batch that computed them."""
@@ -181,6 +186,10 @@ class Batcher:
             if batch:
                 await self._execute(loop, batch)
 
+    def _run_group(self, reqs: list[_Request]) -> list[Tensor]:
+        # Stacking is a tensor op too: it belongs on the device thread, not the event loop.
+        return self.engine.run_mixed(torch.stack([r.image for r in reqs]), [r.task for r in reqs])
+
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         started = time.monotonic()
         # Tasks may be trained at different resolutions: one engine call per input shape.
@@ -188,10 +197,8 @@ class Batcher:
         for req in batch:
             groups.setdefault(tuple(req.image.shape), []).append(req)
         for reqs in groups.values():
-            images = torch.stack([r.image for r in reqs])
-            tasks = [r.task for r in reqs]
             try:
-                rows = await loop.run_in_executor(self._executor, self.engine.run_mixed, images, tasks)
+                rows = await loop.run_in_executor(self._executor, self._run_group, reqs)
             except Exception as exc:  # noqa: BLE001 - delivered to each waiting request
                 for r in reqs:
                     if not r.future.done():

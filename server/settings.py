@@ -43,7 +43,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_task_bytes: int = Field(512 * 1024 * 1024, ge=1)
     store_poll_s: float = Field(2.0, gt=0, description="how often the store is checked for other replicas' changes")
-    cache_bytes: int = Field(0, ge=0, description="LRU of materialised task weights, in bytes")
+    cache_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="LRU of recently used tasks' built weights, in bytes (0: build them every batch)",
+    )
     decode_threads: int = Field(2, ge=1, le=64)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -195,3 +195,20 @@ def test_bad_batches_are_refused_with_engine_errors(resnet18: Backbone) -> None:
 def test_half_precision_is_refused_on_cpu(resnet18: Backbone) -> None:
     with pytest.raises(ValueError, match="for CUDA devices"):
         Engine(resnet18, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 4099])
+def test_fused_mask_application_equals_unpack_and_multiply(kind: str, numel: int) -> None:
+    from piggyback_core.bitpack import pack_mask, unpack_mask
+    from piggyback_core.engine import apply_packed_mask
+
+    g = torch.Generator().manual_seed(numel)
+    weight = torch.randn(numel, generator=g)
+    u = torch.rand(numel, generator=g)
+    mask = (u < 0.6).to(torch.int8) if kind == "binary" else (u < 0.6).to(torch.int8) - (u < 0.2).to(torch.int8)
+    packed = pack_mask(mask, kind)
+    expected = weight * unpack_mask(packed, numel, kind).float()
+    assert torch.equal(apply_packed_mask(weight, packed, kind), expected)
+    scratch = torch.full((numel * 8 + 64,), float("nan"))  # a reused buffer with stale contents
+    assert torch.equal(apply_packed_mask(weight, packed, kind, out=scratch), expected)

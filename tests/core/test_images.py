@@ -2,6 +2,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from piggyback_core import ImageDecodeError, ImageTooLargeError, Preprocessing, decode_image
@@ -69,3 +70,19 @@ def test_a_truncated_jpeg_is_a_decode_error() -> None:
 def test_preprocessing_rejects_impossible_sizes() -> None:
     with pytest.raises(ValueError, match="crop_size"):
         Preprocessing(resize_size=32, crop_size=64)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (31, 97), (224, 224)])
+def test_preprocessing_equals_torchvision_transforms_bit_for_bit(size: tuple[int, int]) -> None:
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from piggyback_core import Preprocessing
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    pre = Preprocessing()
+    resized = TF.center_crop(TF.resize(img, [256], InterpolationMode.BILINEAR, antialias=True), [224])
+    expected = TF.normalize(TF.pil_to_tensor(resized).to(torch.float32).div_(255.0), list(pre.mean), list(pre.std))
+    got = pre(img)
+    assert got.is_contiguous() and got.dtype == torch.float32 and torch.equal(got, expected)

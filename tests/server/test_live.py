@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -41,9 +42,9 @@ def serve(store: Path, **settings: object) -> Iterator[str]:
     args = ["--backbone", "resnet18", "--weights", "random", "--store", str(store), "--port", str(port)]
     for key, value in settings.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    # The log goes to a file: an unread pipe fills up (64 KiB of access-log lines) and blocks the server.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *args], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -53,7 +54,9 @@ def serve(store: Path, **settings: object) -> Iterator[str]:
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(log.read().decode(errors="replace"))
             time.sleep(0.1)
         else:
             raise AssertionError("server did not become ready")
@@ -64,8 +67,8 @@ def serve(store: Path, **settings: object) -> Iterator[str]:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        if proc.stdout:
-            proc.stdout.close()
+            proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench-accuracy lint clean
+.PHONY: install demo test test-slow test-fuzz bench bench-accuracy lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m pytest -q -m slow
+
+test-fuzz: $(STAMP)  # the API fuzzing suite with 500 cases per operation and mode (CI runs 25)
+	PIGGYBACK_FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -q tests/hardening/test_api_fuzz.py
+
+bench: $(STAMP)  # the serving benchmarks (issue 6): about 5 minutes on 2 CPU cores
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.serving
 
 bench-accuracy: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

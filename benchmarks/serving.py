@@ -379,7 +379,16 @@ def bench_offline_loops(backbone: Backbone, tasks: list[TaskFile], photos: list[
     return out
 
 
-def bench_http(backbone: Backbone, arch: str, concurrencies: list[int], duration: float, warmup: float, work: Path):
+def bench_http(
+    backbone: Backbone,
+    arch: str,
+    concurrencies: list[int],
+    duration: float,
+    warmup: float,
+    work: Path,
+    server_args: list[str],
+    baseline: bool = True,
+):
     photos_dir = work / "photos"
     photos = make_photos(photos_dir)
     tasks = [make_task(backbone, f"task{i}", seed=300 + i) for i in range(8)]
@@ -397,7 +406,7 @@ def bench_http(backbone: Backbone, arch: str, concurrencies: list[int], duration
     servers = {
         "piggyback": (
             [sys.executable, "-m", "server.cli", "serve", "--backbone", arch, "--weights", "random",
-             "--store", str(store), "--port", "8701", "--log-level", "warning"],
+             "--store", str(store), "--port", "8701", "--log-level", "warning", *server_args],
             "http://127.0.0.1:8701",
         ),
         "model_per_task": (
@@ -407,6 +416,8 @@ def bench_http(backbone: Backbone, arch: str, concurrencies: list[int], duration
         ),
     }  # fmt: skip
     baseline_names = [f"task{i}" for i in range(8)]
+    if not baseline:
+        del servers["model_per_task"]
     for label, (cmd, url) in servers.items():
         proc, handle, ready_s = start_server(cmd, url, env, work / f"{label}.log")
         rows = []
@@ -541,6 +552,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per concurrency level")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--http-only", action="store_true", help="only part 5 (and 6)")
+    parser.add_argument("--server-args", default="", help="extra 'piggyback serve' flags for part 5")
     parser.add_argument("--quick", action="store_true", help="few repeats, short loads (a smoke run)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -556,20 +569,27 @@ def main() -> None:
     r: dict[str, Any] = {"arch": args.arch, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
                          "machine": machine()}  # fmt: skip
     batches = [1, 8, 32] if device.type == "cuda" else [1, 8]
-    # Density first, on a fresh heap: its RSS deltas would otherwise hide in memory freed earlier.
-    print("3. task density", flush=True)
-    r["density"] = bench_density(backbone, device, dtype, [1, 10, 100] if not args.quick else [1, 10])
-    print("1. mask overhead", flush=True)
-    r["overhead"] = bench_overhead(backbone, device, dtype, batches, args.repeats)
-    print("2. mixed-task batches", flush=True)
-    r["mixed"] = bench_mixed(backbone, device, dtype, 32 if device.type == "cuda" else 8, args.repeats)
-    print("4. cold task", flush=True)
-    r["cold"] = bench_cold(backbone, device, dtype, 5 if not args.quick else 2)
+    if not args.http_only:
+        # Density first, on a fresh heap: its RSS deltas would otherwise hide in memory freed earlier.
+        print("3. task density", flush=True)
+        r["density"] = bench_density(backbone, device, dtype, [1, 10, 100] if not args.quick else [1, 10])
+        print("1. mask overhead", flush=True)
+        r["overhead"] = bench_overhead(backbone, device, dtype, batches, args.repeats)
+        print("2. mixed-task batches", flush=True)
+        r["mixed"] = bench_mixed(backbone, device, dtype, 32 if device.type == "cuda" else 8, args.repeats)
+        print("4. cold task", flush=True)
+        r["cold"] = bench_cold(backbone, device, dtype, 5 if not args.quick else 2)
     if not args.skip_http:
         print("5. end to end over HTTP", flush=True)
         with tempfile.TemporaryDirectory() as work:
             concurrencies = [int(c) for c in args.concurrency.split(",")]
-            r["http"] = bench_http(backbone, args.arch, concurrencies, args.duration, 3.0, Path(work))
+            r["http"] = bench_http(
+                backbone, args.arch, concurrencies, args.duration, 3.0, Path(work), args.server_args.split(),
+                baseline=not args.http_only,
+            )  # fmt: skip
+    if args.http_only:
+        print(json.dumps(r.get("http"), indent=1))
+        return
     r["peak_rss_bytes"] = peak_rss_bytes()
     r["total_s"] = time.perf_counter() - t0
     out = Path(args.out)

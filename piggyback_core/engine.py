@@ -158,14 +158,23 @@ class _Plan:
     """The MaskPlan of one forward pass: contiguous segments, one task each."""
 
     def __init__(
-        self, bounds: list[tuple[int, int]], tasks: list[LoadedTask], cache: WeightCache, workspace: _Workspace
+        self,
+        bounds: list[tuple[int, int]],
+        tasks: list[LoadedTask],
+        cache: WeightCache,
+        workspace: _Workspace,
+        weights_nbytes: int,
     ) -> None:
         self.bounds = bounds
         self.tasks = tasks
         self.workspace = workspace
         use_cache = cache.max_bytes > 0
         self.cached = [cache.get((t.name, t.version)) if use_cache else None for t in tasks]
-        self.fresh: list[dict[str, Tensor] | None] = [{} if use_cache and c is None else None for c in self.cached]
+        # Admission: cache what this batch builds only if every task of the batch fits at once.
+        # Otherwise a batch mixing more tasks than the cache holds would evict its own entries
+        # (LRU thrash) and pay for fresh allocations on every batch; the reused workspace is faster.
+        admit = use_cache and len(tasks) * weights_nbytes <= cache.max_bytes
+        self.fresh: list[dict[str, Tensor] | None] = [{} if admit and c is None else None for c in self.cached]
 
     def weight(self, segment: int, key: str, weight: Tensor) -> Tensor:
         cached = self.cached[segment]
@@ -212,6 +221,8 @@ class Engine:
         self.model = backbone.model.to(self.device, dtype).eval()
         self.cache = WeightCache(cache_bytes)
         self._workspace = _Workspace()
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self._weights_nbytes = sum(m.weight.numel() for m in backbone.masked) * itemsize  # one task's built weights
         self._tasks: dict[str, LoadedTask] = {}
         self._lock = threading.Lock()
 
@@ -312,7 +323,7 @@ class Engine:
 
     def _forward(self, images: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> list[Tensor]:
         tasks = [t for _, _, t in segments]
-        plan = _Plan([(a, b) for a, b, _ in segments], tasks, self.cache, self._workspace)
+        plan = _Plan([(a, b) for a, b, _ in segments], tasks, self.cache, self._workspace, self._weights_nbytes)
         x = images.to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode(), use_plan(plan):
             features = self.model(x)

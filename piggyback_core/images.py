@@ -11,6 +11,7 @@ transform as a value: resize the shorter side, center crop, scale to [0, 1], nor
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,6 +115,11 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageTooLargeError(pixels=width * height, limit=max_pixels)
+            if img.format == "PNG":
+                # PIL decodes a PNG whose end was cut off (no IEND) without complaint; its verify()
+                # walks every chunk's CRC to IEND. A truncated or corrupted file is refused.
+                with Image.open(io.BytesIO(data)) as check:
+                    check.verify()
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
@@ -125,7 +131,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageTooLargeError(pixels=-1, limit=max_pixels) from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying "corrupt"
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:  # PIL's ways of saying "corrupt"
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
 
 

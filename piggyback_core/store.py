@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -113,8 +114,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 class FileSystemStore(MaskStore):
-    """Task files in one directory. Stale temp files (from writers killed mid-put) older than
-    ``stale_temp_after_s`` are removed when the store is opened."""
+    """Task files in one directory.
+
+    Temp files left by writers killed mid-put are removed when the store is opened: at once when
+    the writer was a process of this host that no longer runs (temp names carry host and pid), and
+    after ``stale_temp_after_s`` otherwise (a writer on another machine sharing the volume may
+    still be writing it)."""
 
     def __init__(self, root: str | Path, *, create: bool = True, stale_temp_after_s: float = 3600.0) -> None:
         self.root = Path(root)
@@ -135,7 +140,7 @@ class FileSystemStore(MaskStore):
 
     def put(self, name: str, data: bytes) -> StoredTask:
         final = self._path(name)
-        tmp = self.root / f"{_TEMP_PREFIX}{name}-{uuid.uuid4().hex}"
+        tmp = self.root / f"{_TEMP_PREFIX}{name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -203,12 +208,32 @@ class FileSystemStore(MaskStore):
         now = time.time()
         for p in self.temp_files():
             try:
-                if now - p.stat().st_mtime >= older_than_s:
+                if _writer_is_dead(p.name) or now - p.stat().st_mtime >= older_than_s:
                     p.unlink()
                     removed += 1
             except FileNotFoundError:
                 continue
         return removed
+
+
+_HOST = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname()) or "host"
+
+
+def _writer_is_dead(temp_name: str) -> bool:
+    """True when ``temp_name`` was written by a process of this host that has exited."""
+    parts = temp_name[len(_TEMP_PREFIX) :].split(".")
+    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+        return False  # another host's writer, or an old-style name: only age decides
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by someone else
+    return False
 
 
 def open_store(location: str | Path) -> MaskStore:

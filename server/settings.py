@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = Field(False, description="accept management calls without a token (dev only)")
     classify_token: SecretStr | None = Field(None, description="if set, /classify needs this bearer token")
     classify_token_file: Path | None = Field(None, description="read the classify token from this file")
-    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="requests per batch at most; default: 8 on CPU, 32 on CUDA"
+    )
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
     queue_size: int = Field(256, ge=1, description="requests waiting at most; beyond it: 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a classify request")
@@ -43,12 +45,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_task_bytes: int = Field(512 * 1024 * 1024, ge=1)
     store_poll_s: float = Field(2.0, gt=0, description="how often the store is checked for other replicas' changes")
-    cache_bytes: int = Field(
-        1 << 30,
+    cache_bytes: int | None = Field(
+        None,
         ge=0,
-        description="LRU of recently used tasks' built weights, in bytes (0: build them every batch)",
+        description="LRU of recently used tasks' built weights, in bytes (0: build them every batch); "
+        "default: 256 MiB on CPU, 1 GiB on CUDA",
     )
-    decode_threads: int = Field(2, ge=1, le=64)
+    decode_threads: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="image decoding threads; 0: decode on the device thread; default: 0 on CPU, 4 on CUDA",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("store", mode="before")

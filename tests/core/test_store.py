@@ -70,6 +70,20 @@ def test_stale_temp_files_are_removed_when_the_store_opens(tmp_path: Path) -> No
     assert store.get("a").data == b"1"
 
 
+def test_temp_files_of_dead_writers_on_this_host_are_removed_at_once(tmp_path: Path) -> None:
+    from piggyback_core.store import _HOST
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    dead_writer = tmp_path / f".tmp-a.{_HOST}.{dead_pid}.0123abcd"
+    live_writer = tmp_path / f".tmp-a.{_HOST}.{os.getppid()}.0123abcd"  # our parent: alive
+    other_host = tmp_path / f".tmp-a.some-other-host.{dead_pid}.0123abcd"
+    for p in (dead_writer, live_writer, other_host):
+        p.write_bytes(b"partial")
+    store = FileSystemStore(tmp_path)
+    assert store.temp_files() == sorted([live_writer, other_host])
+
+
 def test_a_store_on_a_missing_directory_without_create_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         FileSystemStore(tmp_path / "nope", create=False)

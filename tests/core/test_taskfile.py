@@ -188,48 +188,49 @@ def _layers(edit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, str]]
 CONV = "layer1.0.conv1.weight"
 
 
-@pytest.mark.parametrize(
-    "edit,error,match",
-    [
-        ({"tensors": _drop(f"mask/{CONV}")}, MissingTensorError, f"mask/{CONV}"),
-        ({"tensors": _drop("head/bias")}, MissingTensorError, "head/bias"),
-        ({"tensors": _set("extra/thing", torch.zeros(1))}, UnexpectedTensorError, "extra/thing"),
-        ({"tensors": _set(f"mask/{CONV}", torch.zeros(4608, dtype=torch.int16))}, TensorDtypeError, "uint8"),
-        (
-            {"tensors": _set(f"mask/{CONV}", torch.zeros(4609, dtype=torch.uint8))},
-            TensorShapeError,
-            "exactly 4608",
-        ),
-        (
-            {"tensors": _set("head/weight", torch.zeros(4, 512, dtype=torch.int32))},
-            TensorDtypeError,
-            "head/weight",
-        ),
-        ({"tensors": _set("head/weight", torch.zeros(3, 512))}, TensorShapeError, r"\(3, 512\)"),
-        (
-            {"tensors": _set("head/weight", torch.full((4, 512), float("nan")))},
-            TaskFileFormatError,
-            "non-finite",
-        ),
-        ({"metadata": _set("labels", '["a", "b"]')}, LabelsError, "2 labels for a head of 4"),
-        ({"metadata": _set("labels", '["a", "a", "b", "c"]')}, LabelsError, "unique"),
-        ({"metadata": _set("labels", "not json")}, TaskFileFormatError, "labels"),
-        ({"metadata": _set("format_version", "99")}, TaskFileVersionError, "'99'"),
-        ({"metadata": _set("task", "../etc/passwd")}, TaskFileFormatError, "invalid task"),
-        ({"metadata": _set("mask_kind", "quaternary")}, TaskFileFormatError, "mask kind"),
-        ({"metadata": _drop("fingerprint")}, TaskFileFormatError, "lacks fingerprint"),
-        # ternary data in a binary file: 2 bits per weight is twice the bytes a binary layer takes
-        ({"metadata": _set("mask_kind", "ternary")}, TensorShapeError, "ternary mask over"),
-        # a header that lies about a layer's size
-        (
-            {"metadata": _layers(lambda ls: ls[CONV].update(shape=[64, 64, 3, 4]))},
-            TensorShapeError,
-            "exactly",
-        ),
-        ({"metadata": _layers(lambda ls: ls[CONV].update(density=0.5))}, TaskFileFormatError, "corrupt"),
-        ({"metadata": _layers(lambda ls: ls.pop(CONV))}, UnexpectedTensorError, f"mask/{CONV}"),
-    ],
-)
+# Well-formed but wrong task files: (edit for rewrite(), the error, what its message names).
+BAD_FILE_EDITS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"tensors": _drop(f"mask/{CONV}")}, MissingTensorError, f"mask/{CONV}"),
+    ({"tensors": _drop("head/bias")}, MissingTensorError, "head/bias"),
+    ({"tensors": _set("extra/thing", torch.zeros(1))}, UnexpectedTensorError, "extra/thing"),
+    ({"tensors": _set(f"mask/{CONV}", torch.zeros(4608, dtype=torch.int16))}, TensorDtypeError, "uint8"),
+    (
+        {"tensors": _set(f"mask/{CONV}", torch.zeros(4609, dtype=torch.uint8))},
+        TensorShapeError,
+        "exactly 4608",
+    ),
+    (
+        {"tensors": _set("head/weight", torch.zeros(4, 512, dtype=torch.int32))},
+        TensorDtypeError,
+        "head/weight",
+    ),
+    ({"tensors": _set("head/weight", torch.zeros(3, 512))}, TensorShapeError, r"\(3, 512\)"),
+    (
+        {"tensors": _set("head/weight", torch.full((4, 512), float("nan")))},
+        TaskFileFormatError,
+        "non-finite",
+    ),
+    ({"metadata": _set("labels", '["a", "b"]')}, LabelsError, "2 labels for a head of 4"),
+    ({"metadata": _set("labels", '["a", "a", "b", "c"]')}, LabelsError, "unique"),
+    ({"metadata": _set("labels", "not json")}, TaskFileFormatError, "labels"),
+    ({"metadata": _set("format_version", "99")}, TaskFileVersionError, "'99'"),
+    ({"metadata": _set("task", "../etc/passwd")}, TaskFileFormatError, "invalid task"),
+    ({"metadata": _set("mask_kind", "quaternary")}, TaskFileFormatError, "mask kind"),
+    ({"metadata": _drop("fingerprint")}, TaskFileFormatError, "lacks fingerprint"),
+    # ternary data in a binary file: 2 bits per weight is twice the bytes a binary layer takes
+    ({"metadata": _set("mask_kind", "ternary")}, TensorShapeError, "ternary mask over"),
+    # a header that lies about a layer's size
+    (
+        {"metadata": _layers(lambda ls: ls[CONV].update(shape=[64, 64, 3, 4]))},
+        TensorShapeError,
+        "exactly",
+    ),
+    ({"metadata": _layers(lambda ls: ls[CONV].update(density=0.5))}, TaskFileFormatError, "corrupt"),
+    ({"metadata": _layers(lambda ls: ls.pop(CONV))}, UnexpectedTensorError, f"mask/{CONV}"),
+]
+
+
+@pytest.mark.parametrize("edit,error,match", BAD_FILE_EDITS)
 def test_each_kind_of_bad_task_file_is_refused_with_its_own_error(
     good: bytes, edit: dict[str, Any], error: type[Exception], match: str
 ) -> None:

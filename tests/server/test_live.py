@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,54 +14,13 @@ import pytest
 from PIL import Image
 
 from piggyback_core import Backbone, FileSystemStore, load_backbone
-from tests.server.conftest import AUTH, TOKEN, small_task
+from tests.live import serve
+from tests.server.conftest import AUTH, small_task
 
 PNG = io.BytesIO()
 Image.new("RGB", (40, 40), (10, 200, 90)).save(PNG, format="PNG")
 IMAGE = PNG.getvalue()
 HEADERS = {"Content-Type": "image/png"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(store: Path, **settings: object) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "PIGGYBACK_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-    args = ["--backbone", "resnet18", "--weights", "random", "--store", str(store), "--port", str(port)]
-    for key, value in settings.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    # The log goes to a file: an unread pipe fills up (64 KiB of access-log lines) and blocks the server.
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *args], env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                log.seek(0)
-                raise AssertionError(log.read().decode(errors="replace"))
-            time.sleep(0.1)
-        else:
-            raise AssertionError("server did not become ready")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

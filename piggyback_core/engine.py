@@ -113,13 +113,22 @@ class LoadedTask:
 class WeightCache:
     """LRU of materialised per-task weights (``{key: weight * mask}``), bounded in bytes.
 
-    ``max_bytes=0`` disables it: effective weights then live only for the layer that uses them."""
+    ``max_bytes=0`` disables it: effective weights then live only for the layer that uses them.
 
-    def __init__(self, max_bytes: int) -> None:
+    Admission guards against thrash: a new entry may evict only entries that have not been used
+    in the last ``stale_after`` lookups. When more tasks take turns than the cache holds (8 tasks
+    in rotation, room for 2), a plain LRU would miss on every batch and pay a fresh allocation
+    each time; this cache keeps the entries it has (hits for those tasks) and lets the others
+    build their weights in the reused workspace."""
+
+    def __init__(self, max_bytes: int, *, stale_after: int = 64) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
+        self.stale_after = stale_after
         self._entries: OrderedDict[tuple[str, str], tuple[dict[str, Tensor], int]] = OrderedDict()
+        self._last_used: dict[tuple[str, str], int] = {}
+        self._clock = 0
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
@@ -127,13 +136,29 @@ class WeightCache:
 
     def get(self, key: tuple[str, str]) -> dict[str, Tensor] | None:
         with self._lock:
+            self._clock += 1
             entry = self._entries.get(key)
             if entry is None:
                 self.misses += 1
                 return None
             self._entries.move_to_end(key)
+            self._last_used[key] = self._clock
             self.hits += 1
             return entry[0]
+
+    def admits(self, size: int) -> bool:
+        """Whether an entry of ``size`` bytes would be stored, evicting only stale entries."""
+        if size > self.max_bytes:
+            return False
+        with self._lock:
+            free = self.max_bytes - self.bytes
+            for key, (_, entry_size) in self._entries.items():  # least recently used first
+                if free >= size:
+                    break
+                if self._clock - self._last_used.get(key, 0) <= self.stale_after:
+                    return False
+                free += entry_size
+            return free >= size
 
     def put(self, key: tuple[str, str], weights: dict[str, Tensor]) -> None:
         size = sum(t.nbytes for t in weights.values())
@@ -143,15 +168,18 @@ class WeightCache:
             if key in self._entries:
                 return
             while self.bytes + size > self.max_bytes:
-                _, (_, freed) = self._entries.popitem(last=False)
+                old, (_, freed) = self._entries.popitem(last=False)
+                self._last_used.pop(old, None)
                 self.bytes -= freed
             self._entries[key] = (weights, size)
+            self._last_used[key] = self._clock
             self.bytes += size
 
     def evict(self, name: str) -> None:
         with self._lock:
             for key in [k for k in self._entries if k[0] == name]:
                 self.bytes -= self._entries.pop(key)[1]
+                self._last_used.pop(key, None)
 
 
 class _Plan:
@@ -170,10 +198,11 @@ class _Plan:
         self.workspace = workspace
         use_cache = cache.max_bytes > 0
         self.cached = [cache.get((t.name, t.version)) if use_cache else None for t in tasks]
-        # Admission: cache what this batch builds only if every task of the batch fits at once.
-        # Otherwise a batch mixing more tasks than the cache holds would evict its own entries
-        # (LRU thrash) and pay for fresh allocations on every batch; the reused workspace is faster.
-        admit = use_cache and len(tasks) * weights_nbytes <= cache.max_bytes
+        # Admission: cache what this batch builds only if all of it fits, evicting only stale
+        # entries (WeightCache.admits). Otherwise a batch mixing more tasks than the cache holds
+        # would evict its own entries (thrash) and pay for fresh allocations on every batch.
+        missing = sum(c is None for c in self.cached)
+        admit = use_cache and missing > 0 and cache.admits(missing * weights_nbytes)
         self.fresh: list[dict[str, Tensor] | None] = [{} if admit and c is None else None for c in self.cached]
 
     def weight(self, segment: int, key: str, weight: Tensor) -> Tensor:

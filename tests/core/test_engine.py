@@ -212,3 +212,18 @@ def test_fused_mask_application_equals_unpack_and_multiply(kind: str, numel: int
     assert torch.equal(apply_packed_mask(weight, packed, kind), expected)
     scratch = torch.full((numel * 8 + 64,), float("nan"))  # a reused buffer with stale contents
     assert torch.equal(apply_packed_mask(weight, packed, kind, out=scratch), expected)
+
+
+def test_weight_cache_does_not_thrash_when_more_tasks_rotate_than_it_holds(resnet18: Backbone) -> None:
+    one = sum(m.weight.numel() for m in resnet18.masked) * 4
+    engine = Engine(resnet18, cache_bytes=int(one * 2.5))  # room for two tasks
+    for i in range(5):
+        engine.add_task(make_task(resnet18, f"t{i}", seed=i))
+    x = torch.randn(1, 3, 32, 32)
+    for _ in range(4):  # five tasks in turn: a plain LRU would miss every time
+        for i in range(5):
+            engine.run(f"t{i}", x)
+    assert engine.cache.hits == 2 * 3 and engine.cache.bytes == 2 * one  # t0, t1 stay; rounds 2-4 hit
+    engine.cache.stale_after = 0  # once the residents go unused, newcomers may evict them
+    engine.run("t4", x)
+    assert engine.cache.get(("t4", engine.tasks["t4"].version)) is not None

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 from piggyback_core import Backbone, MaskKind, Preprocessing, TaskFile, load_backbone
 from scripts.demo import make_colour_dataset
 
 SMALL = Preprocessing(resize_size=36, crop_size=32)  # fast inputs for tests
+
+
+def encode(fmt: str, mode: str = "RGB", size: tuple[int, int] = (48, 40), **save: object) -> bytes:
+    """A solid-colour image of ``mode`` and ``size``, encoded as ``fmt`` by PIL."""
+    buf = io.BytesIO()
+    color: object = (200, 30, 30) if mode in ("RGB", "RGBA") else (10, 200, 30, 0) if mode == "CMYK" else 120
+    Image.new(mode, size, color=color).save(buf, format=fmt, **save)
+    return buf.getvalue()
 
 
 def random_masks(

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import encode
 from tests.server.conftest import TOKEN
+
+IMAGE = encode("PNG", size=(40, 40))  # a request body for /classify
+HEADERS = {"Content-Type": "image/png"}
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ acknowledged with 2xx is ever lost."""
 
 from __future__ import annotations
 
-import io
 import random
 import threading
 import time
@@ -14,19 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from PIL import Image
 
 from piggyback_core import Backbone, FileSystemStore, TaskFile
-from tests.live import LiveServer
+from tests.live import HEADERS, IMAGE, LiveServer
 from tests.server.conftest import AUTH, small_task
 
 SUITE = "crash safety"
 TRIALS = 12
 TASKS = ("a", "b", "c")
-
-_png = io.BytesIO()
-Image.new("RGB", (40, 40), (10, 200, 90)).save(_png, format="PNG")
-IMAGE = _png.getvalue()
 
 
 @dataclass
@@ -69,7 +63,7 @@ def test_sigkill_during_put_and_delete_never_loses_an_acknowledged_registration(
                 listed = {t["task"]: t["version"] for t in http.get(f"{server.url}/tasks").json()["tasks"]}
                 assert listed == {t: v for t, v in state.items() if v is not None}, (trial, listed, state)
                 for t in listed:
-                    r = http.post(f"{server.url}/classify/{t}", content=IMAGE, headers={"Content-Type": "image/png"})
+                    r = http.post(f"{server.url}/classify/{t}", content=IMAGE, headers=HEADERS)
                     assert r.status_code == 200 and r.json()["version"] == listed[t]
                 assert not list(tmp_path.glob(".tmp-*")), "a temp file survived the restart"
             if trial == TRIALS:

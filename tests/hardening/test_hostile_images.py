@@ -16,17 +16,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from piggyback_core import Backbone, FileSystemStore
+from tests.conftest import encode
 from tests.live import live_server
 from tests.server.conftest import small_task
 
 SUITE = "hostile images"
-
-
-def encode(fmt: str, mode: str = "RGB", size: tuple[int, int] = (48, 40), **save: object) -> bytes:
-    buf = io.BytesIO()
-    color: object = (200, 30, 30) if mode in ("RGB", "RGBA") else (10, 200, 30, 0) if mode == "CMYK" else 120
-    Image.new(mode, size, color=color).save(buf, format=fmt, **save)
-    return buf.getvalue()
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

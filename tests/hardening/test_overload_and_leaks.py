@@ -5,7 +5,6 @@ cycles (the slopes are reported)."""
 
 from __future__ import annotations
 
-import io
 import re
 import statistics
 import threading
@@ -15,16 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from PIL import Image
 
 from piggyback_core import Backbone, FileSystemStore
-from tests.live import live_server
+from tests.live import HEADERS, IMAGE, live_server
 from tests.server.conftest import AUTH, small_task
-
-_png = io.BytesIO()
-Image.new("RGB", (40, 40), (10, 200, 90)).save(_png, format="PNG")
-IMAGE = _png.getvalue()
-HEADERS = {"Content-Type": "image/png"}
 
 
 def slope(xs: list[float], ys: list[float]) -> float:

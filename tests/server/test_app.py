@@ -1,20 +1,12 @@
-import io
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from piggyback_core import Backbone, Engine, FileSystemStore, S3Store, evaluate_task, load_backbone
-from tests.conftest import make_image_folder
+from tests.conftest import encode, make_image_folder
 from tests.server.conftest import AUTH, AppFactory, small_task
-
-
-def encode(fmt: str, mode: str = "RGB", size: tuple[int, int] = (48, 40), **save: object) -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, color=(200, 30, 30) if mode == "RGB" else 120).save(buf, format=fmt, **save)
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import threading
 import time
@@ -11,16 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from piggyback_core import Backbone, FileSystemStore, load_backbone
-from tests.live import serve
+from tests.live import HEADERS, IMAGE, serve
 from tests.server.conftest import AUTH, small_task
-
-PNG = io.BytesIO()
-Image.new("RGB", (40, 40), (10, 200, 90)).save(PNG, format="PNG")
-IMAGE = PNG.getvalue()
-HEADERS = {"Content-Type": "image/png"}
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -294,26 +295,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "internal error")
 
-    def require_bearer(request: Request, expected: str | None) -> None:
+    def _digest(secret: SecretStr | None) -> bytes | None:
+        return None if secret is None else hashlib.sha256(secret.get_secret_value().encode()).digest()
+
+    # Compared as SHA-256 digests: constant time and constant length, so a comparison reveals
+    # neither the token nor its length. The configured tokens are hashed once, here.
+    management_digest, classify_digest = _digest(settings.token), _digest(settings.classify_token)
+
+    def require_bearer(request: Request, expected_digest: bytes) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise AuthenticationError("missing bearer token (Authorization: Bearer <token>)")
-        assert expected is not None
-        # Constant time, and constant length: comparing digests does not reveal the token's length.
-        presented_digest = hashlib.sha256(presented.encode()).digest()
-        if not hmac.compare_digest(presented_digest, hashlib.sha256(expected.encode()).digest()):
+        if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected_digest):
             raise AuthenticationError("invalid bearer token")
 
     def management_auth(request: Request) -> None:
-        if settings.token is not None:
-            require_bearer(request, settings.token.get_secret_value())
+        if management_digest is not None:
+            require_bearer(request, management_digest)
         elif not settings.allow_unauthenticated:
             raise ManagementDisabledError()
 
     def classify_auth(request: Request) -> None:
-        if settings.classify_token is not None:
-            require_bearer(request, settings.classify_token.get_secret_value())
+        if classify_digest is not None:
+            require_bearer(request, classify_digest)
 
     async def read_body(request: Request, limit: int, what: str) -> bytes:
         length = request.headers.get("content-length")

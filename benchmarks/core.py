@@ -10,22 +10,11 @@ both sides alike. Weights are random (same architecture and FLOPs as the pretrai
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-import torchvision
 
-from piggyback_core import Engine, TaskFile, fingerprint_state_dict, get_backbone_spec, load_backbone
-
-
-def _median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.serving import interleaved, make_task, plain_model
+from piggyback_core import Engine, fingerprint_state_dict, load_backbone
 
 
 def main() -> None:
@@ -36,52 +25,27 @@ def main() -> None:
     args = parser.parse_args()
 
     backbone = load_backbone(args.arch, weights="random", seed=0)
-    g = torch.Generator().manual_seed(0)
-    masks = {k: torch.rand(s, generator=g) < 0.6 for k, s in backbone.mask_shapes.items()}
-    task = TaskFile.create(
-        name="bench",
-        labels=[f"c{i}" for i in range(100)],
-        backbone=backbone,
-        masks=masks,
-        head_weight=0.01 * torch.randn(100, backbone.feature_dim, generator=g),
-        head_bias=torch.zeros(100),
-    )
+    task = make_task(backbone, "bench", seed=0)
     data = task.to_bytes()
     state = backbone.model.state_dict()
-    fp_s = _median_time(lambda: fingerprint_state_dict(state), 5)
+    fp_s = interleaved({"fp": lambda: fingerprint_state_dict(state)}, 5)["fp"]
 
-    # The plain model: torchvision's own, weights multiplied by the mask once, same head.
-    spec = get_backbone_spec(args.arch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        plain = torchvision.models.get_model(args.arch, weights=None).eval()
-    sd = plain.state_dict()
-    for k, m in masks.items():
-        sd[k] = sd[k] * m
-    head = torch.nn.Linear(backbone.feature_dim, 100)
-    parent, _, attr = spec.head.rpartition(".")
-    setattr(plain.get_submodule(parent) if parent else plain, attr, head)
-    sd[f"{spec.head}.weight"], sd[f"{spec.head}.bias"] = task.head_weight, task.head_bias
-    plain.load_state_dict(sd)
-
+    plain = plain_model(backbone, task, torch.device("cpu"), torch.float32)
     engine = Engine(backbone)
     engine.add_task(task)
     cached = Engine(backbone, cache_bytes=2 * sum(m.weight.nbytes for m in backbone.masked))
     cached.add_task(task)
-    x = torch.randn(args.batch, 3, 224, 224, generator=g)
+    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
     def run_plain() -> None:
         with torch.inference_mode():
             plain(x)
 
-    for fn in (run_plain, lambda: engine.run("bench", x), lambda: cached.run("bench", x)):
-        fn()  # warm-up
-    plain_t, engine_t, cached_t = [], [], []
-    for _ in range(args.repeats):
-        plain_t.append(_median_time(run_plain, 1))
-        engine_t.append(_median_time(lambda: engine.run("bench", x), 1))
-        cached_t.append(_median_time(lambda: cached.run("bench", x), 1))
-    p, e, c = (statistics.median(t) for t in (plain_t, engine_t, cached_t))
+    t = interleaved(
+        {"plain": run_plain, "engine": lambda: engine.run("bench", x), "cached": lambda: cached.run("bench", x)},
+        args.repeats,
+    )
+    p, e, c = t["plain"], t["engine"], t["cached"]
 
     print(f"# {args.arch}, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"masked weights            {backbone.num_masked_weights:,} in {len(backbone.masked)} layers")

@@ -48,6 +48,7 @@ import torch
 import torchvision
 
 from piggyback_core import Backbone, Engine, FileSystemStore, TaskFile, get_backbone_spec, load_backbone
+from piggyback_core.bitpack import unpack_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE_BYTES = 1 << 30  # the server's default (Settings.cache_bytes)
@@ -90,8 +91,6 @@ def plain_model(backbone: Backbone, task: TaskFile, device: torch.device, dtype:
     setattr(model.get_submodule(parent) if parent else model, attr, torch.nn.Linear(backbone.feature_dim, 100))
     state = {k: v for k, v in backbone.model.state_dict().items() if "scores" not in k}
     for key, mask in task.masks.items():
-        from piggyback_core.bitpack import unpack_mask
-
         state[key] = state[key] * unpack_mask(mask, state[key].numel(), task.mask_kind).view(state[key].shape)
     state[f"{spec.head}.weight"], state[f"{spec.head}.bias"] = task.head_weight, task.head_bias
     model.load_state_dict(state, strict=False)

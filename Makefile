@@ -1,21 +1,28 @@
 # The few commands people run. `make test` is what CI runs (.ci/run).
 PY ?= python3
+PORT ?= 8000
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-slow test-fuzz bench bench-accuracy lint clean
 
-$(STAMP): pyproject.toml
+# What serving needs (the demo); the dev stamp adds the test toolchain on top of it.
+$(RUNTIME): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python -m scripts.demo
+demo: $(RUNTIME)  # PORT=8001 to serve on another port
+	$(BIN)/python -m scripts.demo --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

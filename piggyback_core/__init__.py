@@ -12,6 +12,7 @@ from .backbones import (
     list_backbones,
     load_backbone,
     register_backbone,
+    weights_from_description,
 )
 from .bitpack import (
     MASK_KINDS,
@@ -174,4 +175,5 @@ __all__ = [
     "unpack_ternary",
     "use_plan",
     "validate_task_name",
+    "weights_from_description",
 ]

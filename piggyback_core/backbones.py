@@ -45,6 +45,7 @@ __all__ = [
     "list_backbones",
     "load_backbone",
     "register_backbone",
+    "weights_from_description",
 ]
 
 
@@ -208,6 +209,21 @@ def _build(spec: BackboneSpec, weights: str, seed: int) -> tuple[nn.Module, Prep
             weights=weights,
         ) from exc
     return model, Preprocessing.from_torchvision(tv_weights.transforms()), str(tv_weights)
+
+
+def weights_from_description(description: str) -> tuple[str, int]:
+    """The ``(weights, seed)`` arguments of :func:`load_backbone` that rebuild a backbone whose
+    :attr:`Backbone.weights` is ``description`` (what a task file's provenance records):
+    ``random:SEED``, ``file:PATH`` or a torchvision weights name such as
+    ``ResNet50_Weights.IMAGENET1K_V1``."""
+    kind, _, rest = description.partition(":")
+    if kind == "random" and rest.isdigit():
+        return "random", int(rest)
+    if kind == "file" and rest:
+        return rest, 0
+    if description and ":" not in description:
+        return description, 0
+    raise WeightsError(f"unrecognised weights description {description!r}", weights=description)
 
 
 def load_backbone(arch: str = "resnet50", *, weights: str = "random", seed: int = 0) -> Backbone:

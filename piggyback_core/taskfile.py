@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -351,6 +351,15 @@ class TaskFile:
             version=hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16],
         )
 
+    def renamed(self, name: str) -> TaskFile:
+        """This task under another name (the name an operator registers it as). The name it was
+        trained as stays in ``provenance["trained_as"]``; the version changes with the name."""
+        validate_task_name(name)
+        if name == self.name:
+            return self
+        provenance = {**self.provenance, "trained_as": self.provenance.get("trained_as", self.name)}
+        return TaskFile.from_bytes(replace(self, name=name, provenance=provenance).to_bytes())
+
     # --- fitting a backbone -------------------------------------------------------------------
 
     def check_compatible(self, backbone: Backbone) -> None:
@@ -402,6 +411,8 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8:
         raise TaskFileFormatError(f"not a task file: {len(data)} bytes, too short for a safetensors header")
     n = int.from_bytes(data[:8], "little")
+    if data[8:9] != b"{":  # a safetensors header is a JSON object, so its first byte is '{'
+        raise TaskFileFormatError("not a task file (not safetensors)")
     if n > MAX_HEADER_BYTES:
         raise TaskFileFormatError(f"not a task file: header claims {n} bytes (limit {MAX_HEADER_BYTES})")
     if 8 + n > len(data):

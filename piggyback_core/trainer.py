@@ -49,6 +49,7 @@ from .masking import (
     attach_scores,
     iter_masked_params,
 )
+from .names import validate_task_name
 from .taskfile import TaskFile
 
 __all__ = ["EpochLog", "Method", "TrainConfig", "TrainResult", "train"]
@@ -92,6 +93,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # Everything that can be checked without loading anything is checked here, before a
+        # backbone is loaded or a directory created: a bad flag fails at once and leaves nothing.
+        validate_task_name(self.task)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.mask_kind not in ("binary", "ternary"):

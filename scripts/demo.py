@@ -1,11 +1,11 @@
 """The offline demo: train a small task and serve it, with nothing downloaded.
 
-    make demo        # or: python -m scripts.demo [--port 8000]
+    make demo [PORT=8000]    # or: python -m scripts.demo [--port 8000] [--dir .demo]
 
 It draws a small dataset of noisy red, green and blue images, trains a Piggyback task on a resnet18
 with seeded random weights (pretrained weights need a download; see the README for real ones), puts
-it into a store, and serves that store with a freshly generated management token, printing a curl
-line to try.
+it into a store, writes a fresh management token to ``.demo/token``, and serves that store, printing
+a curl line to try. A busy port is one line and a non-zero exit, before any training.
 """
 
 from __future__ import annotations
@@ -37,13 +37,21 @@ def make_colour_dataset(root: Path, *, n_train: int = 24, n_val: int = 12, size:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default=".demo", help="where the dataset, store and sample image go")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dir", default=".demo", help="where the dataset, store, token and sample image go")
+    parser.add_argument("--port", type=int, default=8000, help="port to serve on (make demo PORT=8001)")
+    parser.add_argument("--prepare-only", action="store_true", help="train and write the files, do not serve")
     args = parser.parse_args()
     root = Path(args.dir)
     store = root / "store"
+    from piggyback_core import PiggybackError
     from server.cli import main as piggyback
+    from server.serving import bind_socket
 
+    if not args.prepare_only:
+        try:  # fail in one line before a minute of training, not after it
+            bind_socket("127.0.0.1", args.port).close()
+        except PiggybackError as exc:
+            sys.exit(f"demo: error: {exc}; choose another port: make demo PORT={args.port + 1}")
     if not (store / "colours.safetensors").exists():
         data = make_colour_dataset(root / "data")
         common = ["--backbone", "resnet18", "--weights", "random", "--resize-size", "36", "--crop-size", "32"]
@@ -56,13 +64,20 @@ def main() -> None:
             sys.exit(code)
     sample = root / "sample.png"
     Image.fromarray(np.full((64, 64, 3), COLOURS["red"], dtype=np.uint8)).save(sample)
+    # The management token of this demo, in a file that only its owner can read, so that the
+    # README's examples (and you) can use it from another terminal: TOKEN=$(cat .demo/token).
     token = os.environ.get("PIGGYBACK_TOKEN") or secrets.token_hex(16)
-    url = f"http://127.0.0.1:{args.port}"
+    token_file = root / "token"
+    with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(token + "\n")
+    if args.prepare_only:
+        return
+    url = f"http://localhost:{args.port}"
     print(
-        f"\nServing task 'colours' at {url} (ready in a few seconds). Try:\n\n"
+        f"\nServing task 'colours' at {url} (ready when the log says 'ready'). In another terminal:\n\n"
         f'  curl -s -H "Content-Type: image/png" --data-binary @{sample} "{url}/classify/colours?top_k=3"\n'
         f"  curl -s {url}/tasks\n\n"
-        f"Management token for PUT/DELETE /tasks (this run only): {token}\n",
+        f"Management token for PUT/DELETE /tasks: in {token_file}. Stop with Ctrl-C.\n",
         flush=True,
     )
     os.environ["PIGGYBACK_TOKEN"] = token

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from piggyback_core import (
     TASK_NAME_PATTERN,
@@ -55,11 +56,14 @@ from .batcher import Batcher, BatchPolicy, BatchStats
 from .errors import (
     AuthenticationError,
     BadRequestError,
+    ClientDisconnectedError,
     DeadlineExceededError,
+    DrainingError,
     ManagementDisabledError,
     NotReadyError,
     PayloadTooLargeError,
     QueueFullError,
+    RequestTimeoutError,
     UnsupportedMediaTypeError,
 )
 from .metrics import Metrics
@@ -74,6 +78,7 @@ from .schemas import (
     TaskSummaryPublic,
 )
 from .settings import Settings, get_settings
+from .transport import Lifecycle, RequestGuard
 
 __all__ = ["STATUS_BY_ERROR", "Services", "create_app"]
 
@@ -92,6 +97,8 @@ STATUS_BY_ERROR: dict[type[PiggybackError], int] = {
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
     BadRequestError: 422,
+    RequestTimeoutError: 408,
+    ClientDisconnectedError: 499,
     AuthenticationError: 401,
     ManagementDisabledError: 403,
     QueueFullError: 503,
@@ -179,6 +186,8 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
 
 def services_of(request: Request) -> Services:
     """The app's services once loaded and warmed up; NotReadyError (503) before."""
+    if request.app.state.lifecycle.draining:
+        raise DrainingError()
     services: Services | None = request.app.state.services
     if services is None:
         if request.app.state.startup_error is not None:
@@ -229,7 +238,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.info("ready: %s on %s", services.backbone.arch, services.engine.device)
             except Exception as exc:
                 app.state.startup_error = exc
-                log.exception("start-up failed")
+                if isinstance(exc, PiggybackError | OSError):
+                    log.error("start-up failed: %s", exc)  # a reason, not a bug: one line
+                else:
+                    log.exception("start-up failed: %s", exc)
+                # The process must not stay half-alive (liveness green, everything else 503): the
+                # runner (server.serving) exits non-zero; /healthz answers 503 meanwhile.
+                on_fatal = getattr(app.state, "on_fatal", None)
+                if on_fatal is not None:
+                    on_fatal(exc)
 
         async def poll_store() -> None:
             while True:
@@ -273,6 +290,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle = Lifecycle()
+    app.state.services = None
+    app.state.startup_error = None
+    app.add_middleware(RequestGuard, body_timeout_s=settings.body_timeout_s, lifecycle=lifecycle)
 
     @app.exception_handler(PiggybackError)
     async def domain_error(request: Request, exc: PiggybackError) -> JSONResponse:
@@ -280,6 +301,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
         if isinstance(exc, NotReadyError):
             headers = {"Retry-After": "5"}
+        if isinstance(exc, RequestTimeoutError):
+            headers = {"Connection": "close"}  # the rest of the body may never come: drop the connection
         if status >= 500 and status not in (503, 504):
             log.error("internal error on %s: %r", request.url.path, exc)
             return _error(status, "internal error")
@@ -325,11 +348,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if length is not None and length.isdigit() and int(length) > limit:
             raise PayloadTooLargeError(limit=limit, what=what)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLargeError(limit=limit, what=what)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(limit=limit, what=what)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientDisconnectedError() from None
         return b"".join(chunks)
 
     async def image_bytes(request: Request) -> bytes:
@@ -428,13 +454,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.requests.labels(label, str(status)).inc()
             if status == 200:
                 metrics.request_seconds.labels(label).observe(elapsed)
-            access_log.info(
-                "classify task=%s status=%d latency_ms=%.1f batch_size=%d",
-                task[:64],
-                status,
-                elapsed * 1000,
-                batch_size,
-            )
+            fields = {
+                "task": task[:64],
+                "status": status,
+                "latency_ms": round(elapsed * 1000, 1),
+                "batch_size": batch_size,
+                "request_id": getattr(request.state, "request_id", None),
+            }
+            access_log.info("classify %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
 
     def _summary(task: LoadedTask) -> dict[str, Any]:
         return task.file.summary() | {"version": task.version}
@@ -499,8 +526,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("task %r deleted", task)
         return Response(status_code=204)
 
-    @app.get("/healthz", response_model=HealthResponse, summary="Liveness")
-    async def healthz() -> HealthResponse:
+    @app.get("/healthz", response_model=HealthResponse, responses=_errors(503), summary="Liveness")
+    async def healthz(request: Request) -> HealthResponse:
+        if request.app.state.startup_error is not None:  # a failed start is not alive: restart me
+            raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
         return HealthResponse(status="ok")
 
     @app.get("/readyz", response_model=ReadyResponse, responses=_errors(503), summary="Readiness")

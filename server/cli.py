@@ -15,7 +15,17 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from piggyback_core import Engine, PiggybackError, TaskFile, list_backbones, load_backbone, open_store
+from piggyback_core import (
+    DatasetError,
+    Engine,
+    PiggybackError,
+    TaskFile,
+    list_backbones,
+    load_backbone,
+    open_store,
+    validate_task_name,
+    weights_from_description,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -83,8 +93,15 @@ def _upload(url: str, token: str | None, task: TaskFile) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from piggyback_core.trainer import TrainConfig, train
 
+    # Every check that needs nothing loaded comes first: a bad flag fails at once and creates nothing.
+    validate_task_name(args.task)
     if args.method == "finetune" and not args.out:
         raise PiggybackError("--method finetune writes a full-model checkpoint: give --out FILE")
+    for split in ("train", "val"):
+        if not (Path(args.data) / split).is_dir():
+            raise DatasetError(f"{args.data!r} has no {split}/ folder (expected {split}/CLASS/IMAGE files)")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise PiggybackError(f"cannot write {args.out!r}: its folder does not exist")
     config = TrainConfig(
         data=Path(args.data),
         task=args.task,
@@ -152,7 +169,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from piggyback_core.evaluate import evaluate_task
 
     task = TaskFile.load(args.task_file)
-    backbone = load_backbone(task.backbone, weights=args.weights, seed=args.seed)
+    if args.weights is not None:
+        weights, seed, source = args.weights, args.seed or 0, "from --weights"
+    else:
+        recorded = task.provenance.get("weights")
+        if not isinstance(recorded, str):
+            raise PiggybackError(
+                f"{args.task_file} does not record its backbone weights: pass --weights NAME|PATH|random"
+            )
+        weights, seed = weights_from_description(recorded)
+        seed = args.seed if args.seed is not None else seed
+        source = "as recorded in the task file; --weights overrides"
+    backbone = load_backbone(task.backbone, weights=weights, seed=seed)
+    print(f"eval: backbone {task.backbone}, weights {backbone.weights} ({source})", file=sys.stderr)
     engine = Engine(backbone)
     engine.add_task(task)
     report = evaluate_task(engine, task.name, _eval_root(Path(args.data_dir)), batch_size=args.batch_size)
@@ -187,12 +216,9 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
     from pydantic import ValidationError
 
-    from .app import create_app
+    from .serving import run_server
     from .settings import Settings
 
     overrides = {f: getattr(args, f) for f in Settings.model_fields if getattr(args, f, None) is not None}
@@ -201,18 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise PiggybackError(f"invalid setting: {problems}") from None
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
-    )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,  # one structured line per classify request comes from the app
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-    )
-    return 0
+    return run_server(settings)
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
@@ -233,8 +248,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_backbone_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weights name, a local file, or 'random'")
-    p.add_argument("--seed", type=int, default=0, help="seed (also for --weights random)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the run (and of --weights random)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,23 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="dataset root holding train/ and val/")
     p.add_argument("--task", required=True, help="task name")
-    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--backbone", default="resnet50", choices=list_backbones(), help="backbone architecture")
     _add_backbone_flags(p)
-    p.add_argument("--method", default="piggyback", choices=["piggyback", "classifier", "finetune"])
-    p.add_argument("--mask-kind", default="binary", choices=["binary", "ternary"])
+    p.add_argument(
+        "--method",
+        default="piggyback",
+        choices=["piggyback", "classifier", "finetune"],
+        help="piggyback: learn a mask and a head; classifier: the head only; finetune: every weight",
+    )
+    p.add_argument("--mask-kind", default="binary", choices=["binary", "ternary"], help="{0,1} or {-1,0,1} masks")
     p.add_argument("--train-bn", action="store_true", help="learn per-task BatchNorm (stored in the task file)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (the best one on val/ is kept)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split across torchrun processes)")
     p.add_argument("--lr-mask", type=float, default=1e-4, help="Adam learning rate of the mask scores")
     p.add_argument("--lr-head", type=float, default=1e-4, help="Adam learning rate of the head (and BN)")
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate of the baselines")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the baselines")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay of every optimiser")
     p.add_argument("--lr-decay-every", type=int, default=15, help="epochs between learning-rate decays")
-    p.add_argument("--lr-decay-factor", type=float, default=0.1)
-    p.add_argument("--score-init", default="1s", choices=["1s", "uniform"])
+    p.add_argument("--lr-decay-factor", type=float, default=0.1, help="learning rates are multiplied by this")
+    p.add_argument(
+        "--score-init", default="1s", choices=["1s", "uniform"], help="1s: every score starts at --score-scale"
+    )
     p.add_argument("--score-scale", type=float, default=1e-2, help="initial score (1s) or its range (uniform)")
-    p.add_argument("--threshold", type=float, default=5e-3)
+    p.add_argument("--threshold", type=float, default=5e-3, help="a weight is kept where its score exceeds this")
     p.add_argument("--resize-size", type=int, default=None, help="default: the weights' own (256)")
     p.add_argument("--crop-size", type=int, default=None, help="default: the weights' own (224)")
     p.add_argument("--crop-scale-min", type=float, default=0.08, help="smallest area of the random crop")
@@ -301,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("task_file", metavar="TASK_FILE")
     p.add_argument("data_dir", metavar="DATA_DIR")
-    _add_backbone_flags(p)
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="torchvision weights name, a local file, or 'random'; default: the weights the task file records",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for --weights random (default: the recorded one)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, per_class)")
     p.add_argument("--predictions", action="store_true", help="also print every file's top-5 predictions")
@@ -325,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (`piggyback inspect --json f | head`): not an error of ours. Point
+        # stdout at /dev/null so that the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (PiggybackError, OSError, ValueError) as exc:
         print(f"piggyback {args.command}: error: {exc}", file=sys.stderr)
         return 2

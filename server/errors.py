@@ -3,13 +3,16 @@
 PiggybackError
 └── ServerError
     ├── NotReadyError               the backbone is still loading or warming up   -> 503
+    │   └── DrainingError           the server is shutting down (SIGTERM)         -> 503 + Retry-After
     ├── QueueFullError              the request queue is at its bound             -> 503 + Retry-After
     ├── DeadlineExceededError       the request waited past its deadline          -> 504
     ├── PayloadTooLargeError        a body over the upload limit                  -> 413
     ├── UnsupportedMediaTypeError   not an image/* body nor multipart with 'image' -> 415
     ├── BadRequestError             a malformed request (e.g. broken multipart)   -> 422
     ├── AuthenticationError         no or wrong bearer token                      -> 401
-    └── ManagementDisabledError     no token configured, management refused       -> 403
+    ├── ManagementDisabledError     no token configured, management refused       -> 403
+    ├── RequestTimeoutError         the body did not arrive within body_timeout_s -> 408, connection closed
+    └── ClientDisconnectedError     the client hung up before its request was read -> 499 (nginx's code)
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from piggyback_core import PiggybackError
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "ClientDisconnectedError",
     "DeadlineExceededError",
+    "DrainingError",
     "ManagementDisabledError",
     "NotReadyError",
     "PayloadTooLargeError",
     "QueueFullError",
+    "RequestTimeoutError",
     "ServerError",
     "UnsupportedMediaTypeError",
 ]
@@ -75,3 +81,21 @@ class ManagementDisabledError(ServerError):
             "task management is disabled: no token is configured (set PIGGYBACK_TOKEN, or "
             "PIGGYBACK_ALLOW_UNAUTHENTICATED=true for local development only)"
         )
+
+
+class DrainingError(NotReadyError):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry on another replica")
+
+
+class RequestTimeoutError(ServerError):
+    def __init__(self, *, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s")
+
+
+class ClientDisconnectedError(ServerError):
+    """Not a server fault: the client closed the connection before its request was read."""
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before sending the whole request")

@@ -3,6 +3,10 @@
 * At start every task in the store is loaded; a broken file is reported and skipped.
 * ``register`` validates the upload completely (format, name, backbone, fingerprint, labels)
   before anything is written; then the store's atomic put, then the engine's atomic swap.
+* **The operator's name wins**, as in TorchServe (``model_name``) and Triton (the directory name):
+  a file trained as ``colours`` uploaded as ``colours2`` is stored and served as ``colours2``, and
+  its provenance keeps ``trained_as: colours``. A file placed in the store under another key is
+  served under its key the same way.
 * ``delete`` removes a task from the store and the engine. Requests already admitted hold their
   task object and finish with it.
 * ``sync`` compares the store's snapshot with what this replica loaded and applies the difference:
@@ -24,7 +28,6 @@ from piggyback_core import (
     MaskStore,
     PiggybackError,
     TaskFile,
-    TaskFileFormatError,
     TaskNotFoundError,
     diff_snapshots,
     validate_task_name,
@@ -58,9 +61,7 @@ class TaskRegistry:
 
     def _load_from_store(self, name: str) -> LoadedTask:
         blob = self.store.get(name)
-        task = TaskFile.from_bytes(blob.data)
-        if task.name != name:
-            raise TaskFileFormatError(f"file {name}.safetensors holds task {task.name!r}", task=name)
+        task = TaskFile.from_bytes(blob.data).renamed(name)
         loaded = self.engine.add_task(task)
         self._versions[name] = blob.version
         return loaded
@@ -102,7 +103,8 @@ class TaskRegistry:
         validate_task_name(name)
         task = TaskFile.from_bytes(data)
         if task.name != name:
-            raise TaskFileFormatError(f"the file holds task {task.name!r}, but was uploaded as {name!r}", task=name)
+            task = task.renamed(name)
+            data = task.to_bytes()  # the stored file carries the name it is served under
         task.check_compatible(self.engine.backbone)
         with self._lock:
             created = name not in self.engine.tasks

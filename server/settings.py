@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
     queue_size: int = Field(256, ge=1, description="requests waiting at most; beyond it: 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a classify request")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="the whole body must arrive within this time, else 408 and the connection closes"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="concurrent connections at most; past it, new requests get 503 and are closed"
+    )
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_task_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -58,6 +64,7 @@ class Settings(BaseSettings):
         description="image decoding threads; 0: decode on the device thread; default: 0 on CPU, 4 on CUDA",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="text: key=value lines; json: one object a line")
 
     @field_validator("store", mode="before")
     @classmethod

@@ -32,11 +32,13 @@ class LiveServer:
     """One server process. Its log goes to a file: an unread pipe fills up (64 KiB of access-log
     lines) and blocks the server."""
 
-    def __init__(self, store: Path | str, *, port: int | None = None, **settings: object) -> None:
+    def __init__(
+        self, store: Path | str, *, port: int | None = None, weights: str = "random", **settings: object
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PIGGYBACK_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-        args = ["--backbone", "resnet18", "--weights", "random", "--store", str(store), "--port", str(self.port)]
+        args = ["--backbone", "resnet18", "--weights", weights, "--store", str(store), "--port", str(self.port)]
         for key, value in settings.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
@@ -64,6 +66,12 @@ class LiveServer:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.05)
         raise AssertionError(f"server did not become ready:\n{self.log()}")
+
+    def wait_exit(self, timeout_s: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"server did not exit within {timeout_s} s:\n{self.log()}") from None
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no drain, as a crash or the OOM killer would."""

@@ -127,7 +127,7 @@ def test_version_is_stable_across_serialisations_and_changes_with_content(task_f
 
 def test_corrupted_header_is_refused(good: bytes) -> None:
     corrupted = bytearray(good)
-    corrupted[8] = ord("[")
+    corrupted[9] = ord("[")
     with pytest.raises(TaskFileFormatError, match="not JSON"):
         TaskFile.from_bytes(bytes(corrupted))
 
@@ -142,6 +142,24 @@ def test_a_pickle_renamed_safetensors_is_refused_without_unpickling() -> None:
 def test_a_foreign_safetensors_file_is_refused() -> None:
     with pytest.raises(TaskFileFormatError, match="not a task file"):
         TaskFile.from_bytes(st_save({"w": torch.zeros(3)}))
+
+
+def test_a_text_file_is_refused_as_not_safetensors() -> None:
+    with pytest.raises(TaskFileFormatError) as info:
+        TaskFile.from_bytes(b"Hello, this is a README, not a task file.\n" * 10)
+    assert str(info.value) == "not a task file (not safetensors)"
+
+
+def test_renamed_task_carries_the_new_name_and_remembers_the_trained_one(task_factory: TaskFactory) -> None:
+    task = task_factory("colours")
+    renamed = task.renamed("colours2")
+    assert renamed.name == "colours2" and renamed.provenance["trained_as"] == "colours"
+    assert renamed.version != task.version
+    assert TaskFile.from_bytes(renamed.to_bytes()).name == "colours2"
+    assert renamed.renamed("colours3").provenance["trained_as"] == "colours"  # the first name stays
+    assert torch.equal(renamed.head_weight, task.head_weight) and renamed.masks.keys() == task.masks.keys()
+    with pytest.raises(InvalidTaskNameError):
+        task.renamed("Bad.Name")
 
 
 def test_huge_header_claim_is_refused_before_reading_it() -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from piggyback_core import Backbone, Engine, FileSystemStore, S3Store, evaluate_task, load_backbone
+from piggyback_core import Backbone, Engine, FileSystemStore, S3Store, TaskFile, evaluate_task, load_backbone
 from tests.conftest import encode, make_image_folder
 from tests.server.conftest import AUTH, AppFactory, small_task
 
@@ -94,6 +94,30 @@ def test_put_registers_a_task_that_is_classifiable_at_once_and_matches_eval(
             "/tasks/colours", content=small_task(resnet18, "colours", seed=9).to_bytes(), headers=AUTH
         )
         assert replaced.status_code == 200 and replaced.json()["version"] != r.json()["version"]
+
+
+def test_a_task_registers_under_the_urls_name_and_keeps_the_trained_name_in_its_provenance(
+    app_client: AppFactory, resnet18: Backbone, tmp_path: Path
+) -> None:
+    trained = small_task(resnet18, "colours", num_labels=3)
+    image = encode("PNG")
+    with app_client() as client:
+        assert client.put("/tasks/colours", content=trained.to_bytes(), headers=AUTH).status_code == 201
+        r = client.put("/tasks/colours2", content=trained.to_bytes(), headers=AUTH)
+        assert r.status_code == 201, r.text
+        assert r.json()["task"] == "colours2" and r.json()["provenance"]["trained_as"] == "colours"
+        assert {t["task"] for t in client.get("/tasks").json()["tasks"]} == {"colours", "colours2"}
+        first, second = (
+            client.post(f"/classify/{name}", content=image, headers={"Content-Type": "image/png"}).json()
+            for name in ("colours", "colours2")
+        )
+        assert second["task"] == "colours2" and second["predictions"] == first["predictions"]
+    stored = FileSystemStore(tmp_path / "store").get("colours2").data
+    assert TaskFile.from_bytes(stored).name == "colours2"  # the stored file carries the name it serves under
+    # a file copied into the store under another key is served under its key too
+    FileSystemStore(tmp_path / "store").put("colours3", trained.to_bytes())
+    with app_client() as client:
+        assert client.get("/tasks/colours3").json()["provenance"]["trained_as"] == "colours"
 
 
 def test_management_needs_the_token_and_is_refused_without_one_configured(
@@ -204,7 +228,7 @@ def test_classification_needs_a_token_only_when_one_is_configured(
         assert ok.status_code == 200
 
 
-def test_a_failed_start_keeps_readyz_at_503_with_the_reason_and_healthz_alive(tmp_path: Path) -> None:
+def test_a_failed_start_keeps_readyz_and_healthz_at_503_with_the_reason(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from server.app import create_app
@@ -218,5 +242,6 @@ def test_a_failed_start_keeps_readyz_at_503_with_the_reason_and_healthz_alive(tm
                 break
             time.sleep(0.05)
         assert r.status_code == 503 and "missing.pth" in r.json()["detail"] and r.headers["retry-after"]
-        assert client.get("/healthz").status_code == 200
+        alive = client.get("/healthz")  # a liveness probe that fails gets the container restarted
+        assert alive.status_code == 503 and "missing.pth" in alive.json()["detail"]
         assert client.post("/classify/x", content=b"x", headers={"Content-Type": "image/png"}).status_code == 503

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,27 @@ def test_fingerprint_prints_what_task_files_must_carry(capsys: pytest.CaptureFix
     assert main(["fingerprint", "--backbone", "resnet18", "--weights", "random", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {"backbone": "resnet18", "weights": "random:0", "fingerprint": resnet18.fingerprint}
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(task_path: Path) -> None:
+    """`piggyback inspect --json f | head`: the reader is gone before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "server.cli", "inspect", "--json", str(task_path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and done.stderr == ""
+
+
+def test_a_text_file_is_not_a_task_file(tmp_path: Path) -> None:
+    text = tmp_path / "notes.safetensors"
+    text.write_text("These are my notes, not a task.\n" * 20)
+    done = subprocess.run([sys.executable, "-m", "server.cli", "inspect", str(text)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == "piggyback inspect: error: not a task file (not safetensors)\n"

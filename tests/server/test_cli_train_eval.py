@@ -108,3 +108,42 @@ def test_train_failures_are_one_line_errors(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_eval_without_weights_uses_the_backbone_the_task_file_records(
+    colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "colours.safetensors"
+    args = [*TRAIN, "--epochs", "1", "--seed", "3", "--data", str(colours), "--out", str(out)]
+    assert main([*args, "--workdir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert TaskFile.load(out).provenance["weights"] == "random:3"
+    assert main(["eval", str(out), str(colours), "--json"]) == 0  # no --weights: random, seed 3
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["top1"] == pytest.approx(TaskFile.load(out).provenance["val_top1"], abs=1e-6)
+    assert "weights random:3 (as recorded in the task file" in captured.err
+    # --weights overrides; other weights are refused by their fingerprint, naming both
+    assert main(["eval", str(out), str(colours), "--weights", "random", "--seed", "4"]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_a_bad_task_name_fails_at_once_and_creates_nothing(colours: Path, tmp_path: Path) -> None:
+    workdir = tmp_path / "runs" / "Bad.Name"
+    args = [*TRAIN, "--task", "Bad.Name", "--data", str(colours), "--out", str(tmp_path / "x.safetensors")]
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", *args, "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Bad.Name" in result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_every_train_flag_has_help_text() -> None:
+    from server.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    undocumented = [a.option_strings for a in train._actions if a.option_strings and not a.help]
+    assert undocumented == []

@@ -1,0 +1,137 @@
+"""The README's examples run as written: every ```sh block, in order, against a live demo server
+(``python -m scripts.demo``, what ``make demo`` runs), from a folder laid out as a fresh clone
+after ``make demo`` (``.venv/bin/piggyback`` and ``.demo/``). Only the port numbers are moved to
+free ones, and curl is made to fail on an HTTP error (``--fail-with-body``) so that a 401 or a 404
+fails the block instead of printing a JSON error."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.live import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+PORT = re.compile(r"(?<=localhost:)800\d|(?<=--port )800\d")
+# What a `text` block may need that an offline machine without a GPU lacks, or a make target.
+UNRUNNABLE = re.compile(r"IMAGENET|docker|kubectl|\$DATA|torchrun|flowers/|^make |^\w+:", re.M)
+
+
+def blocks(kind: str) -> list[str]:
+    return [body for lang, body in FENCE.findall((ROOT / "README.md").read_text()) if lang == kind]
+
+
+def test_the_readme_has_runnable_examples_and_marks_every_other_command_block() -> None:
+    assert len(blocks("sh")) >= 4
+    for body in blocks("text") + blocks(""):
+        assert UNRUNNABLE.search(body), f"a command block that could run here is not marked sh:\n{body}"
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A folder laid out as a clone after `make demo`, with the demo serving on a free port."""
+    if shutil.which("curl") is None or shutil.which("openssl") is None:
+        pytest.skip("the README's examples use curl and openssl")
+    where = tmp_path_factory.mktemp("clone")
+    bin_dir = where / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    shim = bin_dir / "piggyback"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m server.cli "$@"\n')
+    shim.chmod(0o755)
+    tools = where / "tools"
+    tools.mkdir()
+    curl = tools / "curl"
+    curl.write_text(f'#!/bin/sh\nexec "{shutil.which("curl")}" --fail-with-body "$@"\n')
+    curl.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("PIGGYBACK_TOKEN", None)
+    ports = {"8000": str(free_port()), "8001": str(free_port())}
+    log = (where / "demo.log").open("wb")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "scripts.demo", "--dir", str(where / ".demo"), "--port", ports["8000"]],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{ports['8000']}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert demo.poll() is None and time.monotonic() < deadline, (where / "demo.log").read_text()
+            time.sleep(0.2)
+        yield where, {**env, "README_PORTS": " ".join(f"{k}={v}" for k, v in ports.items())}
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(timeout=60)
+        log.close()
+    assert code == 0, (where / "demo.log").read_text()
+
+
+@pytest.mark.parametrize("index", range(len(blocks("sh"))))
+def test_readme_example_runs_as_written(clone: tuple[Path, dict[str, str]], index: int) -> None:
+    where, env = clone
+    ports = dict(pair.split("=") for pair in env["README_PORTS"].split())
+    script = PORT.sub(lambda m: ports[m.group(0)], blocks("sh")[index])
+    run = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=where,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: whatever it leaves running is stopped below
+    )
+    try:
+        out, _ = run.communicate(timeout=300)
+    finally:
+        kill_group(run.pid)
+    assert run.returncode == 0, f"README example failed ({run.returncode}):\n{script}\n--- output ---\n{out.decode()}"
+    assert b'"detail"' not in out, out.decode()
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_the_demo_on_a_busy_port_says_so_in_one_line_and_exits_non_zero(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "scripts.demo", "--dir", str(tmp_path / ".demo"), "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"demo: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        f"choose another port: make demo PORT={port + 1}"
+    ]
+    assert not (tmp_path / ".demo").exists()  # nothing trained, nothing written

@@ -107,6 +107,9 @@ def run_server(settings: Settings) -> int:
     """Serve until a signal; 0 after a graceful stop, PiggybackError when the start failed."""
     configure_logging(settings.log_level, settings.log_format)
     sock = bind_socket(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (the backbone loads in the background; /readyz says when)",
+             f"[{host}]" if ":" in host else host, port)  # fmt: skip
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -52,6 +52,7 @@ from .errors import (
     WeightsError,
 )
 from .evaluate import ClassReport, EvalReport, Prediction, evaluate, evaluate_task, predictions_from_logits
+from .hardware import auto_dtype, native_bf16, parse_dtype
 from .images import DEFAULT_MAX_PIXELS, Preprocessing, decode_image, open_image
 from .masking import (
     DEFAULT_SCORE_INIT,
@@ -144,6 +145,7 @@ __all__ = [
     "open_store",
     "__version__",
     "apply_packed_mask",
+    "auto_dtype",
     "attach_scores",
     "binarize",
     "convert_to_masked",
@@ -158,6 +160,7 @@ __all__ = [
     "list_backbones",
     "load_backbone",
     "mask_from_scores",
+    "native_bf16",
     "open_image",
     "masked_conv2d",
     "masked_linear",
@@ -165,6 +168,7 @@ __all__ = [
     "pack_mask",
     "pack_ternary",
     "packed_nbytes",
+    "parse_dtype",
     "predictions_from_logits",
     "register_backbone",
     "ternarize",

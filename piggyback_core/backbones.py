@@ -54,18 +54,24 @@ class BackboneSpec:
     name: str
     head: str  # dotted path of the network's own classifier, replaced by the task head
     build: Callable[..., nn.Module]  # build(*, weights) -> torchvision model
+    # Whether NHWC activations (channels_last) run faster than NCHW: the layout of layout="auto".
+    # Measured per backbone by benchmarks/layouts.py (results/layouts.md).
+    channels_last: bool = False
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, *, head: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register ``build(*, weights=None) -> nn.Module`` under ``name``; ``head`` names its classifier."""
+def register_backbone(
+    name: str, *, head: str, channels_last: bool = False
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``build(*, weights=None) -> nn.Module`` under ``name``; ``head`` names its classifier;
+    ``channels_last`` says whether it runs faster on NHWC activations (measure it)."""
 
     def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = BackboneSpec(name=name, head=head, build=build)
+        _REGISTRY[name] = BackboneSpec(name=name, head=head, build=build, channels_last=channels_last)
         return build
 
     return decorator
@@ -82,30 +88,33 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         raise UnknownBackboneError(name=name, available=list_backbones()) from None
 
 
-def _register_torchvision(name: str, head: str) -> None:
+def _register_torchvision(name: str, head: str, channels_last: bool) -> None:
     def build(*, weights: Any = None) -> nn.Module:
         return torchvision.models.get_model(name, weights=weights)
 
-    register_backbone(name, head=head)(build)
+    register_backbone(name, head=head, channels_last=channels_last)(build)
 
 
-for _name, _head in [
+# channels_last: bf16 speed-up of NHWC over NCHW on a 2-core AMD EPYC with AVX-512-BF16, batch 8
+# (benchmarks/results/layouts.md): 1.17-1.48 for every convolutional network here, 1.03 for
+# convnext_tiny (kept: never slower); vit_b_16 has one convolution (the patch embedding).
+for _name, _head, _cl in [
     # The paper's three.
-    ("vgg16", "classifier.6"),
-    ("vgg16_bn", "classifier.6"),
-    ("resnet50", "fc"),
-    ("densenet121", "classifier"),
+    ("vgg16", "classifier.6", True),
+    ("vgg16_bn", "classifier.6", True),
+    ("resnet50", "fc", True),
+    ("densenet121", "classifier", True),
     # More of the same families.
-    ("resnet18", "fc"),
-    ("resnet34", "fc"),
-    ("resnet101", "fc"),
+    ("resnet18", "fc", True),
+    ("resnet34", "fc", True),
+    ("resnet101", "fc", True),
     # Modern ones.
-    ("mobilenet_v3_large", "classifier.3"),
-    ("efficientnet_b0", "classifier.1"),
-    ("convnext_tiny", "classifier.2"),
-    ("vit_b_16", "heads.head"),
+    ("mobilenet_v3_large", "classifier.3", True),
+    ("efficientnet_b0", "classifier.1", True),
+    ("convnext_tiny", "classifier.2", True),
+    ("vit_b_16", "heads.head", False),
 ]:
-    _register_torchvision(_name, _head)
+    _register_torchvision(_name, _head, _cl)
 
 
 @dataclass

@@ -229,8 +229,14 @@ class _Plan:
 class Engine:
     """Runs batches of images for any of its tasks over one frozen backbone.
 
-    ``dtype`` defaults to float32; float16/bfloat16 need a CUDA device. ``cache_bytes`` bounds the
-    LRU of materialised task weights (0: none; each batch then builds the weights it needs)."""
+    ``dtype`` is the compute dtype: float32; bfloat16 (on a CPU, fast only where the processor has
+    it natively: :func:`~piggyback_core.hardware.native_bf16`); float16 on CUDA only (CPUs have
+    no fast float16 kernels). The backbone's weights are converted to it **in place** (one copy of
+    the weights in memory), so every task's weights are built directly in the compute dtype; build
+    one backbone per engine of another dtype or device. ``channels_last`` feeds the convolutions
+    NHWC activations (faster for most convolutional backbones on CPU and CUDA). ``cache_bytes``
+    bounds the LRU of materialised task weights (0: none; each batch then builds the weights it
+    needs)."""
 
     def __init__(
         self,
@@ -238,15 +244,19 @@ class Engine:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
         cache_bytes: int = 0,
     ) -> None:
         self.device = torch.device(device)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
-        if dtype != torch.float32 and self.device.type != "cuda":
-            raise ValueError(f"{dtype} is for CUDA devices; on {self.device.type} use float32")
+        if dtype == torch.float16 and self.device.type != "cuda":
+            raise ValueError(f"float16 has no fast {self.device.type} kernels; use bfloat16 or float32")
         self.backbone = backbone
         self.dtype = dtype
+        self.channels_last = channels_last
+        # The weights stay in the default (contiguous) layout: the mask multiply then reads and
+        # writes them in order; only activations are NHWC, which is what selects the NHWC kernels.
         self.model = backbone.model.to(self.device, dtype).eval()
         self.cache = WeightCache(cache_bytes)
         self._workspace = _Workspace()
@@ -304,6 +314,10 @@ class Engine:
             return dict(self._tasks)
 
     @property
+    def layout(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+    @property
     def resident_mask_bytes(self) -> int:
         return sum(t.resident_bytes for t in self.tasks.values())
 
@@ -354,6 +368,8 @@ class Engine:
         tasks = [t for _, _, t in segments]
         plan = _Plan([(a, b) for a, b, _ in segments], tasks, self.cache, self._workspace, self._weights_nbytes)
         x = images.to(self.device, self.dtype, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), use_plan(plan):
             features = self.model(x)
             logits = [F.linear(features[a:b], t.head_weight, t.head_bias).float() for a, b, t in segments]

@@ -46,8 +46,10 @@ from piggyback_core import (
     TaskNotFoundError,
     __version__,
     decode_image,
+    get_backbone_spec,
     load_backbone,
     open_store,
+    parse_dtype,
     predictions_from_logits,
     validate_task_name,
 )
@@ -128,10 +130,10 @@ class Services:
     decoder: ThreadPoolExecutor
 
 
-def _dtype(settings: Settings, device: str) -> torch.dtype:
-    if settings.dtype == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
+def _channels_last(settings: Settings) -> bool:
+    if settings.layout == "auto":
+        return get_backbone_spec(settings.backbone).channels_last
+    return settings.layout == "channels_last"
 
 
 def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecutor) -> Services:
@@ -145,7 +147,13 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
     cache_bytes = (
         settings.cache_bytes if settings.cache_bytes is not None else (1 << 30 if device == "cuda" else 256 << 20)
     )
-    engine = Engine(backbone, device=device, dtype=_dtype(settings, device), cache_bytes=cache_bytes)
+    engine = Engine(
+        backbone,
+        device=device,
+        dtype=parse_dtype(settings.dtype, device),
+        channels_last=_channels_last(settings),
+        cache_bytes=cache_bytes,
+    )
     registry = TaskRegistry(engine, open_store(settings.store))
     report = registry.sync()
     for name, reason in report.failed.items():
@@ -235,7 +243,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.services = services
                 _refresh_gauges(services)
                 metrics.ready.set(1)
-                log.info("ready: %s on %s", services.backbone.arch, services.engine.device)
+                engine = services.engine
+                metrics.compute_info.labels(str(engine.dtype).removeprefix("torch."), engine.layout).set(1)
+                log.info("ready: %s on %s, %s, %s", services.backbone.arch, engine.device,
+                         str(engine.dtype).removeprefix("torch."), engine.layout)  # fmt: skip
             except Exception as exc:
                 app.state.startup_error = exc
                 if isinstance(exc, PiggybackError | OSError):
@@ -539,6 +550,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backbone=services.backbone.arch,
             fingerprint=services.backbone.fingerprint,
             device=str(services.engine.device),
+            dtype=str(services.engine.dtype).removeprefix("torch."),
+            layout=services.engine.layout,
             tasks=len(services.engine.tasks),
         )
 

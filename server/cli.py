@@ -20,9 +20,11 @@ from piggyback_core import (
     Engine,
     PiggybackError,
     TaskFile,
+    get_backbone_spec,
     list_backbones,
     load_backbone,
     open_store,
+    parse_dtype,
     validate_task_name,
     weights_from_description,
 )
@@ -181,8 +183,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else seed
         source = "as recorded in the task file; --weights overrides"
     backbone = load_backbone(task.backbone, weights=weights, seed=seed)
-    print(f"eval: backbone {task.backbone}, weights {backbone.weights} ({source})", file=sys.stderr)
-    engine = Engine(backbone)
+    dtype = parse_dtype(args.dtype, "cpu")
+    channels_last = (
+        get_backbone_spec(task.backbone).channels_last if args.layout == "auto" else args.layout == "channels_last"
+    )
+    engine = Engine(backbone, dtype=dtype, channels_last=channels_last)
+    print(
+        f"eval: backbone {task.backbone}, weights {backbone.weights} ({source}); "
+        f"{str(dtype).removeprefix('torch.')}, {engine.layout}",
+        file=sys.stderr,
+    )
     engine.add_task(task)
     report = evaluate_task(engine, task.name, _eval_root(Path(args.data_dir)), batch_size=args.batch_size)
     if args.json:
@@ -244,6 +254,21 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             p.add_argument(flag, default=None, help=help_text)
+
+
+def _add_compute_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto: bfloat16 on a CPU that has it natively, else float32 (as `serve`)",
+    )
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "channels_last", "contiguous"],
+        help="activation layout; auto: the backbone's faster one (as `serve`)",
+    )
 
 
 def _add_backbone_flags(p: argparse.ArgumentParser) -> None:
@@ -329,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torchvision weights name, a local file, or 'random'; default: the weights the task file records",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for --weights random (default: the recorded one)")
+    _add_compute_flags(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, per_class)")
     p.add_argument("--predictions", action="store_true", help="also print every file's top-5 predictions")

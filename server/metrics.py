@@ -53,3 +53,9 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("piggyback_ready", "1 once the backbone is loaded and warmed up", registry=r)
+        self.compute_info = Gauge(
+            "piggyback_compute_info",
+            "The engine's compute dtype and activation layout (value 1)",
+            ["dtype", "layout"],
+            registry=r,
+        )

@@ -68,6 +68,8 @@ class ReadyResponse(BaseModel):
     backbone: str
     fingerprint: str
     device: str
+    dtype: str = Field(description="compute dtype: float32, bfloat16 or float16")
+    layout: str = Field(description="activation layout: channels_last or contiguous")
     tasks: int
 
 

@@ -26,7 +26,12 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto: float16 on CUDA, float32 on CPU"
+        "auto",
+        description="compute dtype; auto: bfloat16 on a CPU that has it natively (AMX, AVX-512-BF16), else "
+        "float32; on CUDA bfloat16 where the GPU has it, else float16",
+    )
+    layout: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto", description="activation memory layout; auto: channels_last for the backbones where it is faster"
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

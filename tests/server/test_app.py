@@ -3,8 +3,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
-from piggyback_core import Backbone, Engine, FileSystemStore, S3Store, TaskFile, evaluate_task, load_backbone
+from piggyback_core import (
+    Backbone,
+    Engine,
+    FileSystemStore,
+    S3Store,
+    TaskFile,
+    evaluate_task,
+    get_backbone_spec,
+    load_backbone,
+)
 from tests.conftest import encode, make_image_folder
 from tests.server.conftest import AUTH, AppFactory, small_task
 
@@ -72,15 +82,28 @@ def test_a_request_that_waits_past_its_deadline_is_answered_504(app_client: AppF
     assert r.status_code == 504 and "deadline" in r.json()["detail"]
 
 
+# Served scores against eval's, same dtype and layout: float32 agrees to rounding; bfloat16 batches
+# of another size may take other kernel paths, so its scores agree within bf16's resolution.
+SCORE_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_put_registers_a_task_that_is_classifiable_at_once_and_matches_eval(
-    app_client: AppFactory, resnet18: Backbone, tmp_path: Path
+    app_client: AppFactory, resnet18: Backbone, tmp_path: Path, dtype: str
 ) -> None:
     task = small_task(resnet18, "colours", num_labels=3, labels=["blue", "green", "red"])
     data_dir = make_image_folder(tmp_path / "data", n_train=1, n_val=3)
-    engine = Engine(load_backbone("resnet18", weights="random"))
+    engine = Engine(
+        load_backbone("resnet18", weights="random"),
+        dtype=getattr(torch, dtype),
+        channels_last=get_backbone_spec("resnet18").channels_last,  # the server's layout="auto"
+    )
     engine.add_task(task)
     report = evaluate_task(engine, "colours", data_dir / "val")
-    with app_client() as client:
+    with app_client(dtype=dtype) as client:
+        ready = client.get("/readyz").json()
+        assert (ready["dtype"], ready["layout"]) == (dtype, "channels_last")
+        assert f'piggyback_compute_info{{dtype="{dtype}",layout="channels_last"}} 1.0' in client.get("/metrics").text
         assert client.get("/tasks/colours").status_code == 404
         r = client.put("/tasks/colours", content=task.to_bytes(), headers=AUTH)
         assert r.status_code == 201 and r.json()["labels"] == list(task.labels)
@@ -89,7 +112,8 @@ def test_put_registers_a_task_that_is_classifiable_at_once_and_matches_eval(
             served = client.post("/classify/colours", content=image, headers={"Content-Type": "image/png"})
             top = served.json()["predictions"]
             assert [p["label"] for p in top] == [p["label"] for p in prediction["top"]]
-            assert [p["score"] for p in top] == pytest.approx([p["score"] for p in prediction["top"]], abs=1e-5)
+            expected = [p["score"] for p in prediction["top"]]
+            assert [p["score"] for p in top] == pytest.approx(expected, abs=SCORE_TOLERANCE[dtype])
         replaced = client.put(
             "/tasks/colours", content=small_task(resnet18, "colours", seed=9).to_bytes(), headers=AUTH
         )

@@ -54,8 +54,14 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
         *,
         classes: list[str] | tuple[str, ...] | None = None,
         seed: int | None = None,
+        draft_min_side: int | None = None,
     ) -> None:
         self.root = Path(root)
+        # JPEGs are decoded at a reduced scale keeping at least this shorter side (images.decode_image);
+        # a Preprocessing transform needs its resize size, the same as the server decodes to.
+        if draft_min_side is None and isinstance(transform, Preprocessing):
+            draft_min_side = transform.resize_size
+        self.draft_min_side = draft_min_side
         if not self.root.is_dir():
             raise DatasetError(f"{str(self.root)!r} is not a directory of class folders")
         found, _ = find_classes(str(self.root))
@@ -85,7 +91,7 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
     def load(self, index: int) -> Image.Image:
         path = self.samples[index][0]
         try:
-            return open_image(path)
+            return open_image(path, draft_min_side=self.draft_min_side)
         except (ImageError, OSError) as exc:
             raise DatasetError(f"cannot read training image {path!r}: {exc}") from exc
 

@@ -11,6 +11,7 @@ transform as a value: resize the shorter side, center crop, scale to [0, 1], nor
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 from dataclasses import asdict, dataclass
@@ -104,8 +105,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode encoded image bytes into an RGB image; ImageDecodeError / ImageTooLargeError if not."""
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_min_side: int | None = None
+) -> Image.Image:
+    """Decode encoded image bytes into an RGB image; ImageDecodeError / ImageTooLargeError if not.
+
+    ``draft_min_side``: a JPEG whose shorter side is at least twice this is decoded at 1/2, 1/4 or
+    1/8 scale in the DCT domain (Pillow's ``draft``), keeping the shorter side at least this long:
+    a 12-megapixel photo then costs a fraction of a full decode, and the resize that follows has
+    less to do. Serving, ``eval`` and training all pass it (the test-time resize size, or what the
+    training crop needs), so they see the same pixels."""
     if not data:
         raise ImageDecodeError("empty body: no image")
     try:
@@ -122,6 +131,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                     check.verify()
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
+            if draft_min_side and img.format == "JPEG" and min(width, height) >= 2 * draft_min_side:
+                scale = draft_min_side / min(width, height)
+                img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
             img.load()
             img = ImageOps.exif_transpose(img) or img
             return _to_rgb(img)
@@ -135,5 +147,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
 
 
-def open_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    return decode_image(Path(path).read_bytes(), max_pixels=max_pixels)
+def open_image(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_min_side: int | None = None
+) -> Image.Image:
+    return decode_image(Path(path).read_bytes(), max_pixels=max_pixels, draft_min_side=draft_min_side)

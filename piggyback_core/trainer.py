@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -210,7 +211,9 @@ class _Trainer:
         )
         data = Path(cfg.data)
         augment = train_transform(self.pre, crop_scale_min=cfg.crop_scale_min)
-        self.train_set = ImageFolderDataset(data / "train", augment, seed=cfg.seed)
+        # The smallest random crop (crop_scale_min of the area) must still have crop_size pixels a side.
+        train_min_side = math.ceil(self.pre.crop_size / math.sqrt(cfg.crop_scale_min))
+        self.train_set = ImageFolderDataset(data / "train", augment, seed=cfg.seed, draft_min_side=train_min_side)
         self.labels = self.train_set.classes
         if len(self.labels) < 2:
             raise DatasetError(f"{str(data / 'train')!r} needs at least two class folders")

@@ -408,8 +408,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return data
 
     def _prepare(services: Services, task: LoadedTask, data: bytes) -> torch.Tensor:
-        image = decode_image(data, max_pixels=settings.max_image_pixels)
-        return (task.file.preprocessing or services.backbone.preprocessing)(image)
+        preprocessing = task.file.preprocessing or services.backbone.preprocessing
+        image = decode_image(data, max_pixels=settings.max_image_pixels, draft_min_side=preprocessing.resize_size)
+        return preprocessing(image)
 
     @app.post(
         "/classify/{task}",

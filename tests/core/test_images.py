@@ -86,3 +86,47 @@ def test_preprocessing_equals_torchvision_transforms_bit_for_bit(size: tuple[int
     expected = TF.normalize(TF.pil_to_tensor(resized).to(torch.float32).div_(255.0), list(pre.mean), list(pre.std))
     got = pre(img)
     assert got.is_contiguous() and got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth shapes and texture, so that a JPEG of it is as hard to decode as a photo."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    noise = rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [((4000, 3000), (500, 375)), ((1920, 1080), (480, 270)), ((1000, 750), (500, 375)), ((500, 375), (500, 375))],
+)
+def test_large_jpegs_are_decoded_at_a_reduced_scale_keeping_the_resize_size(
+    size: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    data = encode(photo_like(*size), "JPEG", quality=90)
+    assert decode_image(data).size == size
+    assert decode_image(data, draft_min_side=256).size == expected  # shorter side stays >= 256
+
+
+def test_a_reduced_decode_preprocesses_to_nearly_the_same_tensor() -> None:
+    pre = Preprocessing()
+    data = encode(photo_like(2400, 1800), "JPEG", quality=90)
+    full, reduced = pre(decode_image(data)), pre(decode_image(data, draft_min_side=pre.resize_size))
+    assert (full - reduced).abs().mean().item() < 0.05  # in normalised units (about 3 grey levels of 255)
+
+
+def test_draft_applies_to_jpeg_only() -> None:
+    data = encode(photo_like(1200, 900), "PNG")
+    assert decode_image(data, draft_min_side=256).size == (1200, 900)
+
+
+def test_eval_datasets_decode_as_the_server_does(tmp_path) -> None:  # noqa: ANN001
+    from piggyback_core.data import ImageFolderDataset
+
+    pre = Preprocessing(resize_size=128, crop_size=112)
+    (tmp_path / "a").mkdir()
+    data = encode(photo_like(1600, 1200), "JPEG", quality=90)
+    (tmp_path / "a" / "x.jpg").write_bytes(data)
+    served = pre(decode_image(data, draft_min_side=pre.resize_size))  # what server/app.py computes
+    assert torch.equal(ImageFolderDataset(tmp_path, pre)[0][0], served)

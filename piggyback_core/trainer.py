@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone, get_backbone_spec, load_backbone
 from .bitpack import MaskKind
 from .data import ImageFolderDataset, ShardedBatchSampler, train_transform
 from .errors import DatasetError
+from .hardware import parse_dtype
 from .images import Preprocessing
 from .masking import (
     DEFAULT_SCORE_INIT,
@@ -88,7 +89,12 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     device: str = "auto"
-    amp: bool | None = None  # None: on when training on CUDA
+    # Compute dtype of the forward and backward passes (autocast; scores, head and optimiser state
+    # stay float32): auto = bfloat16 on a CPU that has it natively and on CUDA GPUs that have it,
+    # float16 on older GPUs (with a gradient scaler), float32 elsewhere.
+    dtype: str = "auto"
+    layout: str = "auto"  # activations: channels_last, contiguous, or auto (the backbone's faster one)
+    amp: bool | None = None  # the older switch: False means dtype float32
     workdir: Path | None = None  # checkpoints and the JSON log; needed for resume
     resume: bool = False
     progress: bool = True
@@ -254,8 +260,14 @@ class _Trainer:
         if d.world > 1:
             ids = [d.device.index] if d.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.amp = cfg.amp if cfg.amp is not None else d.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if d.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = torch.float32 if cfg.amp is False else parse_dtype(cfg.dtype, d.device)
+        if self.amp_dtype == torch.float16 and d.device.type != "cuda":
+            raise ValueError("float16 training needs CUDA; on a CPU use bfloat16 or float32")
+        self.amp = self.amp_dtype != torch.float32
+        spec_cl = get_backbone_spec(cfg.backbone).channels_last
+        self.channels_last = spec_cl if cfg.layout == "auto" else cfg.layout == "channels_last"
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
 
         self.sampler = ShardedBatchSampler(
@@ -339,6 +351,10 @@ class _Trainer:
             for m in self.bn_modules:
                 m.eval()
 
+    def _input(self, x: Tensor) -> Tensor:
+        x = x.to(self.d.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.amp:
             return contextlib.nullcontext()
@@ -368,7 +384,7 @@ class _Trainer:
         loader = self._loader(self.train_set, batch_sampler=self.sampler)
         loss_sum = correct = seen = 0.0
         for step, (x, y) in enumerate(self._progress(loader, len(batches), f"epoch {epoch}")):
-            x, y = x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
+            x, y = self._input(x), y.to(self.d.device, non_blocking=True)
             global_n = len(batches[step])
             with self._autocast():
                 logits = self.ddp(x)
@@ -395,7 +411,7 @@ class _Trainer:
         top1 = top5 = seen = 0.0
         k = min(5, len(self.labels))
         for x, y in loader:
-            x, y = x.to(self.d.device), y.to(self.d.device)
+            x, y = self._input(x), y.to(self.d.device)
             with self._autocast():
                 logits = self.net(x).float()
             top = logits.topk(k, dim=1).indices
@@ -412,7 +428,8 @@ class _Trainer:
             + (f" ({cfg.mask_kind})" if cfg.method == "piggyback" else "")
             + f" on {cfg.backbone} [{self.backbone.weights}], {len(self.labels)} classes, "
             f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.d.world} process(es) on "
-            f"{self.d.device}, batch {cfg.batch_size}, {cfg.epochs} epochs"
+            f"{self.d.device} in {str(self.amp_dtype).removeprefix('torch.')}"
+            f"{', channels_last' if self.channels_last else ''}, batch {cfg.batch_size}, {cfg.epochs} epochs"
         )
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             start = time.perf_counter()
@@ -469,6 +486,7 @@ class _Trainer:
             "val_top1": round(float(self.best["top1"]), 6),
             "selection": "best epoch on val/",
             "weights": self.backbone.weights,
+            "compute_dtype": str(self.amp_dtype).removeprefix("torch."),
             "recipe": {
                 "batch_size": cfg.batch_size,
                 "lr_mask": cfg.lr_mask,

@@ -130,6 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         device=args.device,
+        dtype=args.dtype,
+        layout=args.layout,
         amp=args.amp,
         workdir=Path(args.workdir) if args.workdir else Path("runs") / args.task,
         resume=args.resume,
@@ -330,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=int, default=None, help="default: the weights' own (224)")
     p.add_argument("--crop-scale-min", type=float, default=0.08, help="smallest area of the random crop")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA)")
+    _add_compute_flags(p)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="--no-amp: --dtype float32")
     p.add_argument("--workdir", default=None, help="checkpoints and log.json (default runs/TASK)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --workdir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

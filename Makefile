@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-fuzz bench bench-accuracy lint clean
+.PHONY: install demo test test-slow test-fuzz bench bench-compute bench-accuracy lint clean
 
 # What serving needs (the demo); the dev stamp adds the test toolchain on top of it.
 $(RUNTIME): pyproject.toml
@@ -39,6 +39,12 @@ test-fuzz: $(STAMP)  # the API fuzzing suite with 500 cases per operation and mo
 bench: $(STAMP)  # the serving benchmarks (issue 6): about 5 minutes on 2 CPU cores
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.serving
+
+bench-compute: $(STAMP)  # dtype/layout per backbone, JPEG decoding, the server against plain loops (~15 min)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.layouts
+	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.compute
 
 bench-accuracy: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

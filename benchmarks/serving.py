@@ -583,7 +583,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             concurrencies = [int(c) for c in args.concurrency.split(",")]
             r["http"] = bench_http(
-                backbone, args.arch, concurrencies, args.duration, 3.0, Path(work), args.server_args.split(),
+                backbone, args.arch, concurrencies, args.duration, 3.0, Path(work),
+                # the server in the dtype of the baselines (benchmarks.compute compares dtypes)
+                ["--dtype", r["dtype"], "--layout", "contiguous", *args.server_args.split()],
                 baseline=not args.http_only,
             )  # fmt: skip
     if args.http_only:

@@ -27,8 +27,20 @@ __all__ = ["ImageFolderDataset", "ShardedBatchSampler", "train_transform"]
 
 def train_transform(pre: Preprocessing, *, crop_scale_min: float = 0.08) -> Callable[[Image.Image], Tensor]:
     """The paper's training augmentation: resize, random resized crop (area ``crop_scale_min`` to 1
-    of the image, torchvision's default 0.08), horizontal flip, normalise."""
+    of the image, torchvision's default 0.08), horizontal flip, normalise. With
+    ``pre.resize_mode == "squash"`` (the authors' CUBS/Cars loaders): resize to crop x crop
+    ignoring the aspect ratio and flip, no random crop."""
     interpolation = T.InterpolationMode(pre.interpolation)
+    if pre.resize_mode == "squash":
+        return T.Compose(
+            [
+                T.Resize((pre.crop_size, pre.crop_size), interpolation=interpolation, antialias=True),
+                T.RandomHorizontalFlip(),
+                T.PILToTensor(),
+                T.ConvertImageDtype(torch.float32),
+                T.Normalize(pre.mean, pre.std),
+            ]
+        )
     return T.Compose(
         [
             T.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
@@ -60,7 +72,7 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
         # JPEGs are decoded at a reduced scale keeping at least this shorter side (images.decode_image);
         # a Preprocessing transform needs its resize size, the same as the server decodes to.
         if draft_min_side is None and isinstance(transform, Preprocessing):
-            draft_min_side = transform.resize_size
+            draft_min_side = transform.decode_min_side
         self.draft_min_side = draft_min_side
         if not self.root.is_dir():
             raise DatasetError(f"{str(self.root)!r} is not a directory of class folders")

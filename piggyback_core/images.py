@@ -41,20 +41,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 40_000_000  # about 7,700 x 5,200; larger photos are refused
 
 
+RESIZE_MODES = ("shorter", "squash")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize (shorter side), center crop, scale to [0, 1], normalise."""
+    """Resize (shorter side), center crop, scale to [0, 1], normalise.
+
+    ``resize_mode="squash"`` resizes straight to ``crop_size`` x ``crop_size`` ignoring the aspect
+    ratio, with no crop: what the Piggyback authors' loaders do for CUBS and Stanford Cars, where a
+    center crop would cut off the bird or the car."""
 
     resize_size: int = 256
     crop_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    resize_mode: str = "shorter"
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_size <= self.resize_size:
             raise ValueError(f"need 0 < crop_size <= resize_size, got {self.crop_size} and {self.resize_size}")
         InterpolationMode(self.interpolation)  # raises ValueError naming the bad mode
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; use {' or '.join(RESIZE_MODES)}")
+
+    @property
+    def decode_min_side(self) -> int:
+        """The shorter side a reduced JPEG decode must keep (see :func:`decode_image`)."""
+        return self.crop_size if self.resize_mode == "squash" else self.resize_size
 
     @classmethod
     def from_torchvision(cls, transform: Any) -> Preprocessing:
@@ -74,10 +89,14 @@ class Preprocessing:
             mean=tuple(float(v) for v in value["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in value["std"]),  # type: ignore[arg-type]
             interpolation=str(value["interpolation"]),
+            resize_mode=str(value.get("resize_mode", "shorter")),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.resize_mode == "shorter":  # the default: task files stay as they were before the option
+            del out["resize_mode"]
+        return out
 
     def __call__(self, image: Image.Image) -> Tensor:
         """A ``float32 [3, crop, crop]`` tensor from an RGB PIL image.
@@ -86,8 +105,13 @@ class Preprocessing:
         decoding threads never touch torch's OpenMP pool (a second thread using it slows every
         later forward pass of the thread that runs the model). Same results as torchvision's
         ``resize``/``center_crop``/``pil_to_tensor``/``normalize``, which a test checks."""
-        img = TF.resize(image, [self.resize_size], InterpolationMode(self.interpolation), antialias=True)
-        img = TF.center_crop(img, [self.crop_size])
+        if self.resize_mode == "squash":
+            img = TF.resize(
+                image, [self.crop_size, self.crop_size], InterpolationMode(self.interpolation), antialias=True
+            )
+        else:
+            img = TF.resize(image, [self.resize_size], InterpolationMode(self.interpolation), antialias=True)
+            img = TF.center_crop(img, [self.crop_size])
         arr = np.asarray(img, dtype=np.float32)  # HWC, 0..255
         arr = arr / np.float32(255.0)
         arr -= np.asarray(self.mean, dtype=np.float32)

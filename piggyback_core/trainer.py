@@ -86,6 +86,7 @@ class TrainConfig:
     resize_size: int | None = None  # None: the backbone weights' own preprocessing
     crop_size: int | None = None
     crop_scale_min: float = 0.08  # RandomResizedCrop's smallest area fraction
+    resize_mode: str = "shorter"  # or "squash": crop x crop ignoring the aspect ratio, flip only
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -103,6 +104,8 @@ class TrainConfig:
         # Everything that can be checked without loading anything is checked here, before a
         # backbone is loaded or a directory created: a bad flag fails at once and leaves nothing.
         validate_task_name(self.task)
+        if self.resize_mode not in ("shorter", "squash"):
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; expected 'shorter' or 'squash'")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.mask_kind not in ("binary", "ternary"):
@@ -214,11 +217,14 @@ class _Trainer:
             mean=base.mean,
             std=base.std,
             interpolation=base.interpolation,
+            resize_mode=cfg.resize_mode,
         )
         data = Path(cfg.data)
         augment = train_transform(self.pre, crop_scale_min=cfg.crop_scale_min)
         # The smallest random crop (crop_scale_min of the area) must still have crop_size pixels a side.
         train_min_side = math.ceil(self.pre.crop_size / math.sqrt(cfg.crop_scale_min))
+        if cfg.resize_mode == "squash":
+            train_min_side = self.pre.crop_size
         self.train_set = ImageFolderDataset(data / "train", augment, seed=cfg.seed, draft_min_side=train_min_side)
         self.labels = self.train_set.classes
         if len(self.labels) < 2:
@@ -253,7 +259,10 @@ class _Trainer:
                 torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             )
         self.schedulers = [
-            torch.optim.lr_scheduler.StepLR(o, step_size=cfg.lr_decay_every, gamma=cfg.lr_decay_factor)
+            # The authors' classifier-only baseline keeps a constant learning rate (no decay).
+            torch.optim.lr_scheduler.StepLR(
+                o, step_size=cfg.lr_decay_every, gamma=1.0 if cfg.method == "classifier" else cfg.lr_decay_factor
+            )
             for o in self.optimizers
         ]
         self.ddp: nn.Module = self.net

@@ -409,7 +409,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def _prepare(services: Services, task: LoadedTask, data: bytes) -> torch.Tensor:
         preprocessing = task.file.preprocessing or services.backbone.preprocessing
-        image = decode_image(data, max_pixels=settings.max_image_pixels, draft_min_side=preprocessing.resize_size)
+        image = decode_image(data, max_pixels=settings.max_image_pixels, draft_min_side=preprocessing.decode_min_side)
         return preprocessing(image)
 
     @app.post(

@@ -127,6 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resize_size=args.resize_size,
         crop_size=args.crop_size,
         crop_scale_min=args.crop_scale_min,
+        resize_mode=args.resize_mode,
         seed=args.seed,
         workers=args.workers,
         device=args.device,
@@ -331,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-size", type=int, default=None, help="default: the weights' own (256)")
     p.add_argument("--crop-size", type=int, default=None, help="default: the weights' own (224)")
     p.add_argument("--crop-scale-min", type=float, default=0.08, help="smallest area of the random crop")
+    p.add_argument(
+        "--resize-mode",
+        default="shorter",
+        choices=["shorter", "squash"],
+        help="shorter: resize the shorter side, random crop (train) or center crop (test); squash: resize to "
+        "crop x crop ignoring the aspect ratio, flip only (the authors' CUBS/Cars loaders)",
+    )
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     _add_compute_flags(p)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="--no-amp: --dtype float32")

@@ -130,3 +130,16 @@ def test_eval_datasets_decode_as_the_server_does(tmp_path) -> None:  # noqa: ANN
     (tmp_path / "a" / "x.jpg").write_bytes(data)
     served = pre(decode_image(data, draft_min_side=pre.resize_size))  # what server/app.py computes
     assert torch.equal(ImageFolderDataset(tmp_path, pre)[0][0], served)
+
+
+def test_squash_resizes_to_the_crop_ignoring_the_aspect_ratio_and_keeps_the_whole_image() -> None:
+    wide = np.zeros((50, 200, 3), dtype=np.uint8)
+    wide[:, :20] = (255, 0, 0)  # a red strip at the left edge: a center crop would cut it off
+    squash = Preprocessing(resize_size=64, crop_size=32, resize_mode="squash")(Image.fromarray(wide))
+    center = Preprocessing(resize_size=64, crop_size=32)(Image.fromarray(wide))
+    assert squash.shape == center.shape == (3, 32, 32)
+    assert squash[0, :, 0].mean() > 1.0 > center[0, :, 0].mean()  # red kept by squash only
+    assert Preprocessing.from_dict(Preprocessing(resize_mode="squash").to_dict()).resize_mode == "squash"
+    assert "resize_mode" not in Preprocessing().to_dict()  # default files are unchanged
+    with pytest.raises(ValueError, match="resize mode"):
+        Preprocessing(resize_mode="stretch")

@@ -165,3 +165,17 @@ def test_bf16_training_reaches_the_accuracy_and_density_of_fp32_on_the_same_seed
     assert abs(bf16.best_val_top1 - fp32.best_val_top1) <= 0.05
     assert abs(bf16.task.density - fp32.task.density) <= 0.02
     assert bf16.task.head_weight.dtype == torch.float32
+
+
+def test_the_classifier_baseline_keeps_a_constant_learning_rate_as_the_authors_do(colours: Path) -> None:
+    result = run(colours, method="classifier", epochs=3, lr_decay_every=1)
+    assert [h.lr for h in result.history] == [[FAST["lr"]]] * 3
+    decayed = run(colours, method="piggyback", epochs=2, lr_decay_every=1)
+    assert decayed.history[1].lr[0] == pytest.approx(FAST["lr_mask"] * 0.1)
+
+
+def test_squash_resize_mode_trains_and_is_recorded_for_serving(colours: Path) -> None:
+    result = run(colours, epochs=1, resize_mode="squash")
+    assert result.task is not None and result.task.preprocessing is not None
+    assert result.task.preprocessing.resize_mode == "squash"
+    assert TaskFile.from_bytes(result.task.to_bytes()).preprocessing == result.task.preprocessing

@@ -95,9 +95,10 @@ def _register_torchvision(name: str, head: str, channels_last: bool) -> None:
     register_backbone(name, head=head, channels_last=channels_last)(build)
 
 
-# channels_last: bf16 speed-up of NHWC over NCHW on a 2-core AMD EPYC with AVX-512-BF16, batch 8
-# (benchmarks/results/layouts.md): 1.17-1.48 for every convolutional network here, 1.03 for
-# convnext_tiny (kept: never slower); vit_b_16 has one convolution (the patch embedding).
+# channels_last: speed-up of NHWC over NCHW on a 2-core AMD EPYC with AVX-512-BF16, batch 8
+# (benchmarks/results/layouts.md): 1.11-1.45 in fp32 and 1.14-1.60 in bf16 for the convolutional
+# networks; convnext_tiny 1.09 in fp32 and 0.98-1.03 in bf16 (kept); vit_b_16 has one convolution
+# (the patch embedding) and measured 0.99-1.00.
 for _name, _head, _cl in [
     # The paper's three.
     ("vgg16", "classifier.6", True),

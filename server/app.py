@@ -448,7 +448,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             label = task
             data = await image_bytes(request)
             loop = asyncio.get_running_loop()
-            tensor = await loop.run_in_executor(services.decoder, _prepare, services, loaded, data)
+            services.batcher.expect()  # a batch closing now waits for this image (see batcher.py)
+            try:
+                tensor = await loop.run_in_executor(services.decoder, _prepare, services, loaded, data)
+            finally:
+                services.batcher.arrived()
             logits, batch_size = await services.batcher.submit(loaded, tensor)
             predictions = predictions_from_logits(logits, loaded.labels, top_k)
             status = 200

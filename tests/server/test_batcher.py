@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import torch
 
@@ -58,3 +59,34 @@ def test_a_hot_task_cannot_starve_a_cold_one(resnet18: Backbone) -> None:
 
     assert asyncio.run(scenario()) == 1  # the cold request rode in the very first batch
     assert batches[0].tasks == 2 and batches[0].size == 4
+
+
+def test_a_batch_waits_past_max_wait_for_an_expected_request_and_no_longer_without_one(resnet18: Backbone) -> None:
+    engine = _engine(resnet18, "a")
+    image = torch.randn(3, 32, 32)
+    batches: list[BatchStats] = []
+
+    async def scenario() -> float:
+        policy = BatchPolicy(max_batch_size=4, max_wait_s=0.01, queue_size=64, arrival_wait_s=2.0)
+        batcher = Batcher(engine, policy, on_batch=batches.append)
+        await batcher.start()
+        task = engine.get_task("a")
+        batcher.expect()  # a second request is being decoded
+        first = asyncio.create_task(batcher.submit(task, image))
+        await asyncio.sleep(0.2)  # 20 x max_wait: without the expected request the batch would have run
+        assert not first.done() and batches == []
+
+        async def arrive() -> tuple[torch.Tensor, int]:
+            batcher.arrived()  # decoded: submitted in the same step, as the app does
+            return await batcher.submit(task, image)
+
+        await asyncio.gather(first, asyncio.create_task(arrive()))
+        started = time.monotonic()
+        await batcher.submit(task, image)  # nothing expected: closes at max_wait
+        lone = time.monotonic() - started
+        await batcher.stop()
+        return lone
+
+    lone = asyncio.run(scenario())
+    assert batches[0].size == 2 and batches[1].size == 1
+    assert lone < 1.0  # far below max_wait + arrival_wait

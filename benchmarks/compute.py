@@ -17,7 +17,6 @@ Writes benchmarks/results/compute.{md,json}. Needs the ``bench`` extra (the phot
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
@@ -29,17 +28,26 @@ from typing import Any
 
 import torch
 
-from benchmarks.serving import load, machine, make_photos, make_task, plain_model, start_server, stop_server
+from benchmarks.serving import (
+    load,
+    machine,
+    make_photos,
+    make_task,
+    plain_model,
+    start_server,
+    stop_server,
+    write_results,
+)
 from piggyback_core import (
     FileSystemStore,
     Preprocessing,
     decode_image,
+    dtype_name,
     get_backbone_spec,
     load_backbone,
     parse_dtype,
 )
 
-RESULTS = Path(__file__).parent / "results"
 SERVERS = {  # label: extra `piggyback serve` flags
     "auto": [],
     "auto_decode_threads_2": ["--decode-threads", "2"],
@@ -104,7 +112,7 @@ def bench_arch(arch: str, work: Path, photos: Path, duration: float, warmup: flo
         print(f"{arch} server {label}: {served[label]['throughput']:.1f} img/s", flush=True)
     rate = {k: v["throughput"] for k, v in served.items()}
     return {
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "layout": "channels_last" if channels_last else "contiguous",
         "plain": plain,
         "servers": served,
@@ -145,10 +153,7 @@ def main() -> None:
             f"{q['server_vs_plain_fp32']:.2f} | {q['server_vs_plain_best']:.2f} | "
             f"{q['fp32_auto_layout_vs_fp32_nchw_server']:.2f} | {q['decode_threads_2_vs_0']:.2f} |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compute.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "compute.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
-    print("\n".join(lines))
+    write_results("compute", lines, {"results": results})
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.serving import machine
+from benchmarks.serving import machine, write_results
 from piggyback_core import Preprocessing, decode_image
 
-RESULTS = Path(__file__).parent / "results"
 SIZES = [(500, 375), (1920, 1080), (4000, 3000)]
 
 
@@ -86,10 +83,7 @@ def main() -> None:
             for r in rows
         ),
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "decode.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
-    print("\n".join(lines))
+    write_results("decode", lines, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,15 +11,11 @@ Prints a table and writes benchmarks/results/layouts.{md,json}; the registry's
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
-from benchmarks.serving import interleaved, machine
+from benchmarks.serving import interleaved, machine, write_results
 from piggyback_core import get_backbone_spec, list_backbones, native_bf16
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def measure(arch: str, batch: int, repeats: int) -> dict[str, float]:
@@ -79,12 +75,7 @@ def main() -> None:
             f"{t['bfloat16'] / t['bfloat16_cl']:.2f} |"
         )
         print(lines[-1], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "layouts.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "layouts.json").write_text(
-        json.dumps({"batch": args.batch, "machine": machine(), "seconds": rows}, indent=2)
-    )
-    print("\n".join(lines[:4]))
+    write_results("layouts", lines, {"batch": args.batch, "seconds": rows})
 
 
 if __name__ == "__main__":

@@ -446,6 +446,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
 
 
+def write_results(name: str, lines: list[str], record: dict[str, Any]) -> None:
+    """``benchmarks/results/NAME.md`` (the table ``lines``) and ``NAME.json`` (``record`` and the
+    machine), and the table on stdout."""
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{name}.json").write_text(json.dumps({"machine": machine(), **record}, indent=2))
+    print("\n".join(lines))
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     mb = 1e6
     lines = [f"# Serving benchmarks ({r['arch']}, {r['device']}, {r['dtype']})", "", f"Machine: {r['machine']}.", ""]

@@ -11,16 +11,14 @@ benchmarks/results/train_speed.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from benchmarks.decode import photo_like
-from benchmarks.serving import machine
+from benchmarks.serving import machine, write_results
 from piggyback_core import train
 from piggyback_core.trainer import TrainConfig
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"float32 NCHW": ("float32", "contiguous"), "bfloat16 channels_last": ("bfloat16", "channels_last")}
 
 
@@ -64,10 +62,7 @@ def main() -> None:
         s = r["seconds_per_epoch"]
         a, b = (s[k] for k in VARIANTS)
         lines.append(f"| {r['crop']} | {a:.2f} | {b:.2f} | {a / b:.2f} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_speed.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "train_speed.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
-    print("\n".join(lines))
+    write_results("train_speed", lines, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from .errors import (
     WeightsError,
 )
 from .evaluate import ClassReport, EvalReport, Prediction, evaluate, evaluate_task, predictions_from_logits
-from .hardware import auto_dtype, native_bf16, parse_dtype
+from .hardware import auto_dtype, dtype_name, native_bf16, parse_dtype, parse_layout
 from .images import DEFAULT_MAX_PIXELS, Preprocessing, decode_image, open_image
 from .masking import (
     DEFAULT_SCORE_INIT,
@@ -146,6 +146,7 @@ __all__ = [
     "__version__",
     "apply_packed_mask",
     "auto_dtype",
+    "dtype_name",
     "attach_scores",
     "binarize",
     "convert_to_masked",
@@ -169,6 +170,7 @@ __all__ = [
     "pack_ternary",
     "packed_nbytes",
     "parse_dtype",
+    "parse_layout",
     "predictions_from_logits",
     "register_backbone",
     "ternarize",

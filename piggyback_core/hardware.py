@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["auto_dtype", "native_bf16", "parse_dtype"]
+from .backbones import get_backbone_spec
+
+__all__ = ["LAYOUTS", "auto_dtype", "dtype_name", "native_bf16", "parse_dtype", "parse_layout"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CPU_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
+LAYOUTS = ("auto", "channels_last", "contiguous")
 
 
 @functools.cache
@@ -60,3 +63,16 @@ def parse_dtype(name: str, device: torch.device | str) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32``, ``bfloat16``, ``float16``: the name the settings, flags and /readyz use."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_layout(name: str, arch: str) -> bool:
+    """Whether ``arch`` runs on channels_last activations for layout ``name`` (``auto``: the
+    layout measured faster for that backbone, :attr:`BackboneSpec.channels_last`)."""
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown layout {name!r}; use {', '.join(LAYOUTS)}")
+    return get_backbone_spec(arch).channels_last if name == "auto" else name == "channels_last"

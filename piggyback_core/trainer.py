@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from .backbones import Backbone, get_backbone_spec, load_backbone
+from .backbones import Backbone, load_backbone
 from .bitpack import MaskKind
 from .data import ImageFolderDataset, ShardedBatchSampler, train_transform
 from .errors import DatasetError
-from .hardware import parse_dtype
-from .images import Preprocessing
+from .hardware import LAYOUTS, dtype_name, parse_dtype, parse_layout
+from .images import RESIZE_MODES, Preprocessing
 from .masking import (
     DEFAULT_SCORE_INIT,
     DEFAULT_THRESHOLD,
@@ -104,8 +104,10 @@ class TrainConfig:
         # Everything that can be checked without loading anything is checked here, before a
         # backbone is loaded or a directory created: a bad flag fails at once and leaves nothing.
         validate_task_name(self.task)
-        if self.resize_mode not in ("shorter", "squash"):
-            raise ValueError(f"unknown resize mode {self.resize_mode!r}; expected 'shorter' or 'squash'")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; expected {' or '.join(RESIZE_MODES)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected {', '.join(LAYOUTS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.mask_kind not in ("binary", "ternary"):
@@ -273,8 +275,7 @@ class _Trainer:
         if self.amp_dtype == torch.float16 and d.device.type != "cuda":
             raise ValueError("float16 training needs CUDA; on a CPU use bfloat16 or float32")
         self.amp = self.amp_dtype != torch.float32
-        spec_cl = get_backbone_spec(cfg.backbone).channels_last
-        self.channels_last = spec_cl if cfg.layout == "auto" else cfg.layout == "channels_last"
+        self.channels_last = parse_layout(cfg.layout, cfg.backbone)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
@@ -437,7 +438,7 @@ class _Trainer:
             + (f" ({cfg.mask_kind})" if cfg.method == "piggyback" else "")
             + f" on {cfg.backbone} [{self.backbone.weights}], {len(self.labels)} classes, "
             f"{len(self.train_set)} train / {len(self.val_set)} val images, {self.d.world} process(es) on "
-            f"{self.d.device} in {str(self.amp_dtype).removeprefix('torch.')}"
+            f"{self.d.device} in {dtype_name(self.amp_dtype)}"
             f"{', channels_last' if self.channels_last else ''}, batch {cfg.batch_size}, {cfg.epochs} epochs"
         )
         for epoch in range(self.start_epoch, cfg.epochs + 1):
@@ -495,7 +496,7 @@ class _Trainer:
             "val_top1": round(float(self.best["top1"]), 6),
             "selection": "best epoch on val/",
             "weights": self.backbone.weights,
-            "compute_dtype": str(self.amp_dtype).removeprefix("torch."),
+            "compute_dtype": dtype_name(self.amp_dtype),
             "recipe": {
                 "batch_size": cfg.batch_size,
                 "lr_mask": cfg.lr_mask,

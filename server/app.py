@@ -46,10 +46,11 @@ from piggyback_core import (
     TaskNotFoundError,
     __version__,
     decode_image,
-    get_backbone_spec,
+    dtype_name,
     load_backbone,
     open_store,
     parse_dtype,
+    parse_layout,
     predictions_from_logits,
     validate_task_name,
 )
@@ -130,12 +131,6 @@ class Services:
     decoder: ThreadPoolExecutor
 
 
-def _channels_last(settings: Settings) -> bool:
-    if settings.layout == "auto":
-        return get_backbone_spec(settings.backbone).channels_last
-    return settings.layout == "channels_last"
-
-
 def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecutor) -> Services:
     """Runs on ``device_thread``, like every other tensor operation of the server."""
     device = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
@@ -151,7 +146,7 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
         backbone,
         device=device,
         dtype=parse_dtype(settings.dtype, device),
-        channels_last=_channels_last(settings),
+        channels_last=parse_layout(settings.layout, settings.backbone),
         cache_bytes=cache_bytes,
     )
     registry = TaskRegistry(engine, open_store(settings.store))
@@ -244,9 +239,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 _refresh_gauges(services)
                 metrics.ready.set(1)
                 engine = services.engine
-                metrics.compute_info.labels(str(engine.dtype).removeprefix("torch."), engine.layout).set(1)
+                metrics.compute_info.labels(dtype_name(engine.dtype), engine.layout).set(1)
                 log.info("ready: %s on %s, %s, %s", services.backbone.arch, engine.device,
-                         str(engine.dtype).removeprefix("torch."), engine.layout)  # fmt: skip
+                         dtype_name(engine.dtype), engine.layout)  # fmt: skip
             except Exception as exc:
                 app.state.startup_error = exc
                 if isinstance(exc, PiggybackError | OSError):
@@ -555,7 +550,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backbone=services.backbone.arch,
             fingerprint=services.backbone.fingerprint,
             device=str(services.engine.device),
-            dtype=str(services.engine.dtype).removeprefix("torch."),
+            dtype=dtype_name(services.engine.dtype),
             layout=services.engine.layout,
             tasks=len(services.engine.tasks),
         )

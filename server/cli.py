@@ -20,11 +20,12 @@ from piggyback_core import (
     Engine,
     PiggybackError,
     TaskFile,
-    get_backbone_spec,
+    dtype_name,
     list_backbones,
     load_backbone,
     open_store,
     parse_dtype,
+    parse_layout,
     validate_task_name,
     weights_from_description,
 )
@@ -186,14 +187,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else seed
         source = "as recorded in the task file; --weights overrides"
     backbone = load_backbone(task.backbone, weights=weights, seed=seed)
-    dtype = parse_dtype(args.dtype, "cpu")
-    channels_last = (
-        get_backbone_spec(task.backbone).channels_last if args.layout == "auto" else args.layout == "channels_last"
+    engine = Engine(
+        backbone, dtype=parse_dtype(args.dtype, "cpu"), channels_last=parse_layout(args.layout, task.backbone)
     )
-    engine = Engine(backbone, dtype=dtype, channels_last=channels_last)
     print(
         f"eval: backbone {task.backbone}, weights {backbone.weights} ({source}); "
-        f"{str(dtype).removeprefix('torch.')}, {engine.layout}",
+        f"{dtype_name(engine.dtype)}, {engine.layout}",
         file=sys.stderr,
     )
     engine.add_task(task)

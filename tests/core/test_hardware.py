@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from piggyback_core import auto_dtype, hardware, native_bf16, parse_dtype
+from piggyback_core import auto_dtype, hardware, native_bf16, parse_dtype, parse_layout
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -33,3 +33,10 @@ def test_explicit_dtypes_and_a_bad_name() -> None:
     assert parse_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'half'"):
         parse_dtype("half", "cpu")
+
+
+def test_layout_auto_follows_the_backbones_measured_choice_and_a_bad_name_is_refused() -> None:
+    assert parse_layout("auto", "resnet50") is True and parse_layout("auto", "vit_b_16") is False
+    assert parse_layout("contiguous", "resnet50") is False and parse_layout("channels_last", "vit_b_16") is True
+    with pytest.raises(ValueError, match="unknown layout 'nhwc'"):
+        parse_layout("nhwc", "resnet50")

@@ -59,6 +59,9 @@ __all__ = [
 ]
 
 DEFAULT_THRESHOLD = 5e-3
+# A masked conv of a mixed batch whose output has at most this many positions runs as unfold + one
+# matmul per task instead of one convolution per task (measured per layer: benchmarks/mixed.py).
+UNFOLD_MAX_OUTPUT = 64
 DEFAULT_SCORE_INIT = 1e-2
 ScoreInit = Literal["1s", "uniform"]
 
@@ -240,12 +243,46 @@ class MaskedConv2d(nn.Conv2d, MaskedLayer):
     def masked_params(self) -> list[MaskedParam]:
         return [MaskedParam(self.mask_key, self.weight, self.scores)]
 
+    def _output_size(self, x: Tensor) -> tuple[int, int]:
+        assert not isinstance(self.padding, str)
+        k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+        out_h = (x.shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        out_w = (x.shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        return out_h, out_w
+
+    def _unfold_pays(self, x: Tensor) -> bool:
+        if self.groups != 1 or x.device.type != "cpu" or isinstance(self.padding, str):
+            return False
+        out_h, out_w = self._output_size(x)
+        return out_h * out_w <= UNFOLD_MAX_OUTPUT
+
     def _conv(self, x: Tensor, w: Tensor) -> Tensor:
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _unfolded(self, x: Tensor, plan: MaskPlan) -> Tensor:
+        """The segments of a mixed batch as one unfold and a matmul per task: for small outputs
+        (the last stage of a ResNet) this is 0.6-0.8 of a convolution per segment on a CPU
+        (benchmarks/mixed.py), because one image's convolution there is mostly overhead."""
+        assert not isinstance(self.padding, str)
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, Cin*kh*kw, L]
+        out_h, out_w = self._output_size(x)
+        out = torch.cat(
+            [
+                torch.matmul(plan.weight(i, self.mask_key, self.weight).reshape(self.out_channels, -1), cols[a:b])
+                for i, (a, b) in enumerate(plan.bounds)
+            ]
+        )
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1)
+        y = out.view(x.shape[0], self.out_channels, out_h, out_w)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
     def forward(self, x: Tensor) -> Tensor:
         plan = _ACTIVE_PLAN.get()
         if plan is not None:
+            if len(plan.bounds) > 1 and self._unfold_pays(x):
+                return self._unfolded(x, plan)
             return _segmented(plan, x, lambda xs, i: self._conv(xs, plan.weight(i, self.mask_key, self.weight)))
         return masked_conv2d(
             x,

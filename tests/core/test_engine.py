@@ -94,8 +94,10 @@ def test_engine_equals_reference_for_ternary_masks_and_per_task_batchnorm(resnet
     _assert_logits_close(engine.run("t", x), expected)
 
 
-def test_mixed_task_batch_equals_the_same_requests_run_task_by_task(resnet18: Backbone) -> None:
-    engine = Engine(resnet18)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mixed_task_batch_equals_the_same_requests_run_task_by_task(resnet18: Backbone, channels_last: bool) -> None:
+    # 64x64 inputs: the last stage's outputs are 2x2, so its convs take the unfold + matmul path
+    engine = Engine(resnet18, channels_last=channels_last)
     tasks = [
         make_task(resnet18, "a", num_labels=3, seed=1),
         make_task(resnet18, "b", num_labels=4, kind="ternary", seed=2),

@@ -121,3 +121,29 @@ def test_training_scores_and_head_leaves_backbone_weights_bit_identical() -> Non
     for key, value in before.items():
         assert torch.equal(after[key], value), key
     assert all(not p.requires_grad for n, p in model.named_parameters() if "scores" not in n)
+
+
+@pytest.mark.parametrize("stride,bias", [(1, False), (2, True)])
+def test_a_mixed_batch_through_unfold_and_matmul_equals_a_convolution_per_task(stride: int, bias: bool) -> None:
+    from piggyback_core.masking import UNFOLD_MAX_OUTPUT, MaskedConv2d, use_plan
+
+    torch.manual_seed(0)
+    conv = MaskedConv2d.from_conv(nn.Conv2d(16, 8, 3, stride=stride, padding=1, bias=bias), key="c.weight")
+    masks = [(torch.rand_like(conv.weight) < 0.7).float() for _ in range(3)]
+    x = torch.randn(5, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+    assert 7 * 7 <= UNFOLD_MAX_OUTPUT and conv._unfold_pays(x)
+
+    class Plan:
+        bounds = [(0, 2), (2, 3), (3, 5)]
+
+        def weight(self, segment: int, key: str, weight: torch.Tensor) -> torch.Tensor:
+            return weight * masks[segment]
+
+        def norm(self, segment: int, name: str) -> None:
+            return None
+
+    with torch.inference_mode(), use_plan(Plan()):
+        got = conv(x)
+    expected = torch.cat([conv._conv(x[a:b], conv.weight * masks[i]) for i, (a, b) in enumerate(Plan.bounds)])
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -6,16 +6,22 @@ soon as the last one is answered.
         --concurrency 16 --duration 15 [--warmup 3]
 
 Prints one JSON object: requests answered in the measured window (whenever they were sent),
-throughput, latency percentiles (ms) of those answers and the count of each HTTP status. Request
-``i`` of a client goes to ``tasks[i % len(tasks)]`` with image ``i % len(images)``, clients
-staggered so that every batch mixes tasks.
+throughput, latency percentiles (ms) of those answers and the count of each HTTP status.
+
+``--traffic cycle`` (default): request ``i`` of a client goes to ``tasks[i % len(tasks)]`` with
+image ``i % len(images)``, clients staggered so that every batch mixes tasks. ``uniform``: each
+request to a task drawn uniformly at random; ``zipf``: drawn with probability proportional to
+``1 / rank`` (Zipf, s = 1; the first task is the most popular). Seeded per client.
+``--urls`` (one per task, in the order of ``--tasks``) sends each task to its own server.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
+import random
 import threading
 import time
 from collections import Counter
@@ -30,8 +36,19 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def run(url: str, images: list[bytes], tasks: list[str], concurrency: int, duration: float, warmup: float) -> dict:
-    parsed = urlparse(url)
+def run(
+    url: str,
+    images: list[bytes],
+    tasks: list[str],
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    traffic: str = "cycle",
+    urls: list[str] | None = None,
+    seed: int = 0,
+) -> dict:
+    targets = [urlparse(u) for u in urls] if urls else [urlparse(url)] * len(tasks)
+    weights = list(itertools.accumulate(1.0 / (r + 1) for r in range(len(tasks))))
     start = time.monotonic()
     measure_from, stop_at = start + warmup, start + warmup + duration
     latencies: list[float] = []
@@ -39,14 +56,25 @@ def run(url: str, images: list[bytes], tasks: list[str], concurrency: int, durat
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+        rng = random.Random(seed * 1_000_003 + k)
+        conns: dict[int, http.client.HTTPConnection] = {}
         i = k
         while True:
             now = time.monotonic()
             if now >= stop_at:
                 break
             body = images[i % len(images)]
-            path = f"/classify/{tasks[i % len(tasks)]}?top_k=1"
+            if traffic == "uniform":
+                t = rng.randrange(len(tasks))
+            elif traffic == "zipf":
+                t = rng.choices(range(len(tasks)), cum_weights=weights)[0]
+            else:
+                t = i % len(tasks)
+            target = targets[t]
+            conn = conns.get(target.port or 80)
+            if conn is None:
+                conn = conns[target.port or 80] = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+            path = f"/classify/{tasks[t]}?top_k=1"
             t0 = time.monotonic()
             try:
                 conn.request("POST", path, body=body, headers={"Content-Type": "image/jpeg"})
@@ -55,7 +83,7 @@ def run(url: str, images: list[bytes], tasks: list[str], concurrency: int, durat
                 status = response.status
             except (OSError, http.client.HTTPException):
                 conn.close()
-                conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+                del conns[target.port or 80]
                 status = 0
             t1 = time.monotonic()
             # Every answer that arrives inside the window counts, whenever it was sent: a closed
@@ -66,7 +94,8 @@ def run(url: str, images: list[bytes], tasks: list[str], concurrency: int, durat
                     if status == 200:
                         latencies.append(t1 - t0)
             i += concurrency
-        conn.close()
+        for conn in conns.values():
+            conn.close()
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]
     for t in threads:
@@ -94,9 +123,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--traffic", choices=["cycle", "uniform", "zipf"], default="cycle")
+    parser.add_argument("--urls", help="comma-separated, one server per task (default: --url for all)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     images = [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
-    print(json.dumps(run(args.url, images, args.tasks.split(","), args.concurrency, args.duration, args.warmup)))
+    tasks = args.tasks.split(",")
+    urls = args.urls.split(",") if args.urls else None
+    if urls is not None and len(urls) != len(tasks):
+        parser.error("--urls needs one URL per task")
+    result = run(args.url, images, tasks, args.concurrency, args.duration, args.warmup, args.traffic, urls, args.seed)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .bitpack import (
     unpack_ternary,
 )
 from .data import ImageFolderDataset, ShardedBatchSampler, train_transform
-from .engine import Engine, LoadedTask, WeightCache, apply_packed_mask
+from .engine import Engine, LoadedTask, Residency, WeightCache, apply_packed_mask
 from .errors import (
     BackboneError,
     BackboneMismatchError,
@@ -52,7 +52,15 @@ from .errors import (
     WeightsError,
 )
 from .evaluate import ClassReport, EvalReport, Prediction, evaluate, evaluate_task, predictions_from_logits
-from .hardware import auto_dtype, dtype_name, native_bf16, parse_dtype, parse_layout
+from .hardware import (
+    auto_dtype,
+    auto_workers,
+    available_memory_bytes,
+    dtype_name,
+    native_bf16,
+    parse_dtype,
+    parse_layout,
+)
 from .images import DEFAULT_MAX_PIXELS, Preprocessing, decode_image, open_image
 from .masking import (
     DEFAULT_SCORE_INIT,
@@ -140,12 +148,15 @@ __all__ = [
     "TensorShapeError",
     "UnexpectedTensorError",
     "UnknownBackboneError",
+    "Residency",
     "WeightCache",
     "WeightsError",
     "open_store",
     "__version__",
     "apply_packed_mask",
     "auto_dtype",
+    "auto_workers",
+    "available_memory_bytes",
     "dtype_name",
     "attach_scores",
     "binarize",

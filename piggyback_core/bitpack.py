@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -133,4 +134,6 @@ def count_nonzero_packed(packed: torch.Tensor, kind: MaskKind) -> int:
     """Number of weights the mask keeps (binary ones; ternary non-zeros). Padding must be zero."""
     if kind == "ternary":
         packed = (packed & 0x55) | ((packed >> 1) & 0x55)
+    if packed.device.type == "cpu":  # numpy's popcount: ~10x the table lookup (task loading time)
+        return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
     return int(_on(_POPCOUNT, packed)[packed.long()].sum())

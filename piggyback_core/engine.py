@@ -15,6 +15,7 @@ batch runs does not affect that batch.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,8 +31,10 @@ from .errors import EngineError, TaskNotFoundError
 from .masking import NormParams, use_plan
 from .taskfile import TaskFile
 
-__all__ = ["Engine", "LoadedTask", "WeightCache", "apply_packed_mask"]
+__all__ = ["Engine", "LoadedTask", "Residency", "WeightCache", "apply_packed_mask"]
 
+
+log = logging.getLogger("piggyback.engine")
 
 _LUTS: dict[tuple[MaskKind, torch.dtype, torch.device], Tensor] = {}
 _LUTS_LOCK = threading.Lock()
@@ -88,6 +91,18 @@ class _Workspace(threading.local):
         return buffer
 
 
+@dataclass(frozen=True)
+class Residency:
+    """One task's memory: ``packed_bytes`` (masks, head, per-task BatchNorm: always resident) and
+    ``built_bytes`` (its built weights in the cache: 0 when they are built per batch)."""
+
+    packed_bytes: int
+    built_bytes: int
+    pinned: bool
+    hits: int
+    misses: int
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedTask:
     """A task as the engine holds it, on the engine's device. Immutable: replacing a task makes
@@ -111,15 +126,21 @@ class LoadedTask:
 
 
 class WeightCache:
-    """LRU of materialised per-task weights (``{key: weight * mask}``), bounded in bytes.
+    """LRU of built per-task weights (``{key: weight * mask}``, in the compute dtype), bounded in
+    bytes, with pinned tasks.
 
-    ``max_bytes=0`` disables it: effective weights then live only for the layer that uses them.
+    ``max_bytes=0`` disables it: built weights then live only for the layer that uses them.
 
-    Admission guards against thrash: a new entry may evict only entries that have not been used
-    in the last ``stale_after`` lookups. When more tasks take turns than the cache holds (8 tasks
-    in rotation, room for 2), a plain LRU would miss on every batch and pay a fresh allocation
-    each time; this cache keeps the entries it has (hits for those tasks) and lets the others
-    build their weights in the reused workspace."""
+    * **LRU within the budget**: a new entry evicts the least recently used unpinned entries.
+    * **No thrash**: a new entry may evict only entries that have not been used in the last
+      ``stale_after`` lookups. When more tasks take turns than the cache holds (8 tasks in
+      rotation, room for 2), a plain LRU would miss on every batch and pay an allocation each
+      time; this cache keeps the entries it has (hits for those tasks) and lets the others build
+      their weights in the reused workspace.
+    * **Pinned** tasks (:meth:`pin`) are never evicted; they count against the budget.
+
+    Counters: ``hits``, ``misses`` (one per task per batch), ``evictions``; per task, the hits and
+    misses of each name (:meth:`task_stats`)."""
 
     def __init__(self, max_bytes: int, *, stale_after: int = 64) -> None:
         if max_bytes < 0:
@@ -128,23 +149,34 @@ class WeightCache:
         self.stale_after = stale_after
         self._entries: OrderedDict[tuple[str, str], tuple[dict[str, Tensor], int]] = OrderedDict()
         self._last_used: dict[tuple[str, str], int] = {}
+        self._pinned: set[str] = set()
+        self._task_counts: dict[str, list[int]] = {}  # name -> [hits, misses]
         self._clock = 0
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     def get(self, key: tuple[str, str]) -> dict[str, Tensor] | None:
         with self._lock:
             self._clock += 1
+            counts = self._task_counts.setdefault(key[0], [0, 0])
             entry = self._entries.get(key)
             if entry is None:
                 self.misses += 1
+                counts[1] += 1
                 return None
             self._entries.move_to_end(key)
             self._last_used[key] = self._clock
             self.hits += 1
+            counts[0] += 1
             return entry[0]
+
+    def _evictable(self, key: tuple[str, str], *, stale_only: bool) -> bool:
+        if key[0] in self._pinned:
+            return False
+        return not stale_only or self._clock - self._last_used.get(key, 0) > self.stale_after
 
     def admits(self, size: int) -> bool:
         """Whether an entry of ``size`` bytes would be stored, evicting only stale entries."""
@@ -155,31 +187,90 @@ class WeightCache:
             for key, (_, entry_size) in self._entries.items():  # least recently used first
                 if free >= size:
                     break
-                if self._clock - self._last_used.get(key, 0) <= self.stale_after:
+                if not self._evictable(key, stale_only=True):
+                    if key[0] in self._pinned:
+                        continue
                     return False
                 free += entry_size
             return free >= size
 
-    def put(self, key: tuple[str, str], weights: dict[str, Tensor]) -> None:
+    def put(self, key: tuple[str, str], weights: dict[str, Tensor]) -> bool:
+        """Store ``weights`` under ``key``, evicting least recently used unpinned entries; False
+        (nothing stored) if they do not fit beside the pinned entries."""
         size = sum(t.nbytes for t in weights.values())
-        if size > self.max_bytes:
-            return
         with self._lock:
             if key in self._entries:
-                return
-            while self.bytes + size > self.max_bytes:
-                old, (_, freed) = self._entries.popitem(last=False)
+                return True
+            evictable = sum(n for k, (_, n) in self._entries.items() if self._evictable(k, stale_only=False))
+            if self.bytes - evictable + size > self.max_bytes:
+                return False
+            for old in [k for k in self._entries if self._evictable(k, stale_only=False)]:
+                if self.bytes + size <= self.max_bytes:
+                    break
+                self.bytes -= self._entries.pop(old)[1]
                 self._last_used.pop(old, None)
-                self.bytes -= freed
+                self.evictions += 1
             self._entries[key] = (weights, size)
             self._last_used[key] = self._clock
             self.bytes += size
+            return True
 
     def evict(self, name: str) -> None:
+        """Drop every version of ``name`` (replaced or removed; not counted as an eviction)."""
         with self._lock:
             for key in [k for k in self._entries if k[0] == name]:
                 self.bytes -= self._entries.pop(key)[1]
                 self._last_used.pop(key, None)
+
+    def forget(self, name: str) -> None:
+        """``name`` is gone: drop its entries, pin and counters."""
+        self.evict(name)
+        with self._lock:
+            self._pinned.discard(name)
+            self._task_counts.pop(name, None)
+
+    def pin(self, name: str) -> None:
+        with self._lock:
+            self._pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            self._pinned.discard(name)
+
+    def resize(self, max_bytes: int) -> None:
+        """A new budget; least recently used unpinned entries go until the rest fit."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        with self._lock:
+            self.max_bytes = max_bytes
+            for old in [k for k in self._entries if self._evictable(k, stale_only=False)]:
+                if self.bytes <= max_bytes:
+                    break
+                self.bytes -= self._entries.pop(old)[1]
+                self._last_used.pop(old, None)
+                self.evictions += 1
+
+    def is_pinned(self, name: str) -> bool:
+        return name in self._pinned
+
+    @property
+    def pinned_bytes(self) -> int:
+        with self._lock:
+            return sum(n for k, (_, n) in self._entries.items() if k[0] in self._pinned)
+
+    def resident_bytes(self, name: str) -> int:
+        """Bytes of ``name``'s built weights held now (0: built per batch)."""
+        with self._lock:
+            return sum(n for k, (_, n) in self._entries.items() if k[0] == name)
+
+    def task_stats(self, name: str) -> tuple[int, int]:
+        """(hits, misses) of ``name`` since it was loaded."""
+        with self._lock:
+            hits, misses = self._task_counts.get(name, (0, 0))
+            return hits, misses
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class _Plan:
@@ -290,6 +381,12 @@ class Engine:
             self._tasks[task.name] = loaded
         if previous is not None:
             self.cache.evict(task.name)
+        if self.cache.is_pinned(task.name) and not self.cache.put(
+            (loaded.name, loaded.version), self.build_weights(loaded)
+        ):
+            # the task is served all the same, its weights built per batch; the registration stands
+            log.warning("task %r is no longer pinned: its built weights do not fit the cache budget", task.name)
+            self.cache.unpin(task.name)
         return loaded
 
     def remove_task(self, name: str) -> LoadedTask:
@@ -298,8 +395,42 @@ class Engine:
                 removed = self._tasks.pop(name)
             except KeyError:
                 raise TaskNotFoundError(task=name) from None
-        self.cache.evict(name)
+        self.cache.forget(name)
         return removed
+
+    def build_weights(self, task: str | LoadedTask) -> dict[str, Tensor]:
+        """Every masked weight of ``task`` built (``weight * mask`` in the compute dtype)."""
+        t = self.get_task(task) if isinstance(task, str) else task
+        with torch.inference_mode():
+            return {mp.key: apply_packed_mask(mp.weight, t.masks[mp.key], t.mask_kind) for mp in self.backbone.masked}
+
+    def pin(self, name: str) -> None:
+        """Build ``name``'s weights now and keep them in the cache until :meth:`unpin` (the first
+        request is then as fast as the hundredth); a new version registered later is built and
+        pinned at once. EngineError (nothing pinned) if they do not fit the budget."""
+        task = self.get_task(name)
+        self.cache.pin(name)
+        if not self.cache.put((task.name, task.version), self.build_weights(task)):
+            self.cache.unpin(name)
+            raise EngineError(
+                f"task {name!r} cannot be pinned: its built weights ({self._weights_nbytes} bytes) do not fit "
+                f"beside the pinned tasks in the weight cache budget ({self.cache.max_bytes} bytes)"
+            )
+
+    def unpin(self, name: str) -> None:
+        self.cache.unpin(name)
+
+    def residency(self, name: str) -> Residency:
+        """Where ``name``'s memory is and how its cache lookups went."""
+        task = self.get_task(name)
+        hits, misses = self.cache.task_stats(name)
+        return Residency(
+            packed_bytes=task.resident_bytes,
+            built_bytes=self.cache.resident_bytes(name),
+            pinned=self.cache.is_pinned(name),
+            hits=hits,
+            misses=misses,
+        )
 
     def get_task(self, name: str) -> LoadedTask:
         try:
@@ -312,6 +443,11 @@ class Engine:
         """A snapshot of the loaded tasks."""
         with self._lock:
             return dict(self._tasks)
+
+    @property
+    def weights_nbytes(self) -> int:
+        """Bytes of one task's built weights (what the cache holds per task)."""
+        return self._weights_nbytes
 
     @property
     def layout(self) -> str:

@@ -10,13 +10,23 @@ or later; float16 runs everywhere.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
 
 from .backbones import get_backbone_spec
 
-__all__ = ["LAYOUTS", "auto_dtype", "dtype_name", "native_bf16", "parse_dtype", "parse_layout"]
+__all__ = [
+    "LAYOUTS",
+    "auto_dtype",
+    "auto_workers",
+    "available_memory_bytes",
+    "dtype_name",
+    "native_bf16",
+    "parse_dtype",
+    "parse_layout",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CPU_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
@@ -76,3 +86,60 @@ def parse_layout(name: str, arch: str) -> bool:
     if name not in LAYOUTS:
         raise ValueError(f"unknown layout {name!r}; use {', '.join(LAYOUTS)}")
     return get_backbone_spec(arch).channels_last if name == "auto" else name == "channels_last"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (no limit) and the like: None
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still take: the kernel's MemAvailable, or the container's headroom
+    (cgroup v2 ``memory.max - memory.current``, or v1's limit minus usage) where that is lower."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 0
+    for limit_path, usage_path in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is not None and usage is not None and limit < 1 << 60:
+            available = min(available, max(0, limit - usage))
+            break
+    return available
+
+
+def physical_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; hyper-threads count as cores)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def auto_workers(device: torch.device | str, workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """``(workers, intra-op threads per worker)``. On CUDA: one worker (the GPU runs the batches
+    in order anyway) with every core. On a CPU: ``min(cores, 8)`` workers and the cores shared
+    among them: independent single-threaded workers beat one worker whose every operation is
+    split across the cores at the small batches of mixed traffic (2 cores: 2 x 1 against 1 x 2,
+    resnet18 bf16: 1.4-1.6x; fp32 1.1-1.3x)."""
+    cores = physical_cores()
+    if torch.device(device).type == "cuda":
+        return workers or 1, threads or cores
+    if workers is None:
+        workers = min(cores, 8) if threads is None else max(1, cores // threads)
+    return workers, threads or max(1, cores // workers)

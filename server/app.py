@@ -9,6 +9,7 @@ admitting requests and drains the queue.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import hmac
@@ -45,6 +46,8 @@ from piggyback_core import (
     TaskFileError,
     TaskNotFoundError,
     __version__,
+    auto_workers,
+    available_memory_bytes,
     decode_image,
     dtype_name,
     load_backbone,
@@ -76,6 +79,7 @@ from .schemas import (
     ErrorResponse,
     HealthResponse,
     ReadyResponse,
+    ResidencyPublic,
     TaskListResponse,
     TaskPublic,
     TaskSummaryPublic,
@@ -129,37 +133,70 @@ class Services:
     registry: TaskRegistry
     batcher: Batcher
     decoder: ThreadPoolExecutor
+    worker_threads: int
 
 
-def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecutor) -> Services:
+def _device(settings: Settings) -> str:
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return settings.device
+
+
+def _cache_budget(settings: Settings, engine: Engine, max_batch_size: int) -> tuple[int, str]:
+    """The weight cache's byte budget and how it was chosen."""
+    if settings.cache_bytes != "auto":
+        return settings.cache_bytes, "set"
+    if engine.device.type == "cuda":
+        # after the backbone, the tasks and the activations of the largest batch (warmed up)
+        size = engine.backbone.preprocessing.crop_size
+        with torch.inference_mode():
+            engine.model(torch.zeros(max_batch_size, 3, size, size, device=engine.device, dtype=engine.dtype))
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        return int(free * 0.8), f"auto: 80% of {free / 2**30:.1f} GiB free GPU memory"
+    available = available_memory_bytes()
+    return available // 2, f"auto: half of {available / 2**30:.1f} GiB available memory"
+
+
+def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecutor, workers: int) -> Services:
     """Runs on ``device_thread``, like every other tensor operation of the server."""
-    device = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
-    device = "cpu" if device == "auto" else device
+    device = _device(settings)
     backbone = load_backbone(settings.backbone, weights=settings.weights, seed=settings.seed)
-    # Defaults by device, measured on ResNet-50 (benchmarks/serving.py): on a CPU, batches of 8 ran
-    # faster per image than batches of 32, and the weight cache is kept small (two fp32 tasks) so
-    # that memory stays a fraction of one model per task; on a GPU, larger batches and cache pay.
-    cache_bytes = (
-        settings.cache_bytes if settings.cache_bytes is not None else (1 << 30 if device == "cuda" else 256 << 20)
-    )
     engine = Engine(
         backbone,
         device=device,
         dtype=parse_dtype(settings.dtype, device),
         channels_last=parse_layout(settings.layout, settings.backbone),
-        cache_bytes=cache_bytes,
     )
     registry = TaskRegistry(engine, open_store(settings.store))
-    report = registry.sync()
+    # Reading and validating the files runs in parallel (single-threaded torch in each, so no
+    # second OpenMP pool); the engine takes the tasks one by one.
+    with ThreadPoolExecutor(
+        settings.load_threads, thread_name_prefix="piggyback-load", initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        report = registry.sync(pool)
     for name, reason in report.failed.items():
         log.error("skipped task %r: %s", name, reason)
     log.info("loaded %d task(s) from %s", len(report.loaded), settings.store)
-    # Warm-up: one batch through every code path the first request would take.
+    max_batch_size = settings.max_batch_size or (32 if device == "cuda" else 8)
+    budget, how = _cache_budget(settings, engine, max_batch_size)
+    engine.cache.resize(budget)
+    per_task = engine.weights_nbytes
+    log.info("weight cache: %.0f MiB (%s): built weights of %s task(s) of %.1f MiB", budget / 2**20, how,
+             budget // per_task if per_task else "any number of", per_task / 2**20)  # fmt: skip
     size = backbone.preprocessing.crop_size
+    for name in settings.pinned:
+        if name not in engine.tasks:
+            log.warning("pinned task %r is not in the store; it is pinned when it is registered", name)
+            engine.cache.pin(name)
+            continue
+        engine.pin(name)  # EngineError (start-up fails, one line) if it does not fit the budget
+        engine.run(name, torch.zeros(1, 3, size, size))
+        log.info("pinned task %r (built and warmed up)", name)
+    # Warm-up: one batch through every code path the first request would take.
     with torch.inference_mode():
         engine.model(torch.zeros(1, 3, size, size, device=engine.device, dtype=engine.dtype))
-    for task in list(engine.tasks.values())[:1]:
-        engine.run(task, torch.zeros(1, 3, size, size))
+    if engine.tasks and not settings.pinned:
+        engine.run(next(iter(engine.tasks.values())), torch.zeros(1, 3, size, size))
 
     def on_batch(stats: BatchStats) -> None:
         metrics.batch_size.observe(stats.size)
@@ -169,22 +206,23 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
             metrics.queue_seconds.observe(wait)
 
     policy = BatchPolicy(
-        max_batch_size=settings.max_batch_size or (32 if device == "cuda" else 8),
+        max_batch_size=max_batch_size,
+        workers=workers,
         max_wait_s=settings.max_wait_ms / 1000,
         queue_size=settings.queue_size,
         timeout_s=settings.request_timeout_s,
     )
     batcher = Batcher(engine, policy, on_batch=on_batch, on_depth=metrics.queue_depth.set, executor=device_thread)
-    # On a CPU the model already uses every core: decoding in parallel threads oversubscribes them,
+    # On a CPU the workers already use every core: decoding in more threads oversubscribes them,
     # and torch's OpenMP threads then wait on descheduled peers (measured with 64 clients on 2
-    # cores: 10.7 img/s with 2 decode threads). Decoding on the device thread, between batches,
+    # cores: 10.7 img/s with 2 decode threads). Decoding on the worker threads, between batches,
     # is the plain loop's order. On a GPU, decoding in threads overlaps with the GPU's work.
     threads = settings.decode_threads if settings.decode_threads is not None else (4 if device == "cuda" else 0)
     if threads == 0:
         decoder = device_thread
     else:
         decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="piggyback-decode")
-    return Services(settings, device_thread, backbone, engine, registry, batcher, decoder)
+    return Services(settings, device_thread, backbone, engine, registry, batcher, decoder, torch.get_num_threads())
 
 
 def services_of(request: Request) -> Services:
@@ -217,7 +255,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    metrics = Metrics()
+    metrics = Metrics(top_tasks=settings.metrics_top_tasks, tasks=settings.metric_task_names)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -228,20 +266,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # batches) runs on this one thread. Measured: once a second thread has used torch's OpenMP
         # pool, every later ResNet-50 forward pass is ~60% slower on a 2-core CPU. Decoding
         # threads use PIL and numpy only.
-        device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piggyback-device")
+        #
+        # With several workers (settings.workers), each thread has its own intra-op threads
+        # (torch.set_num_threads is per thread): independent single-threaded workers share the
+        # backbone and the masks and never share an OpenMP pool.
+        workers, threads = auto_workers(_device(settings), settings.workers, settings.worker_threads)
+        device_thread = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix="piggyback-device",
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        )
+        metrics.workers.set(workers)
+        metrics.worker_threads.set(threads)
         loop = asyncio.get_running_loop()
 
         async def start() -> None:
             try:
-                services = await loop.run_in_executor(device_thread, _build, settings, metrics, device_thread)
+                services = await loop.run_in_executor(device_thread, _build, settings, metrics, device_thread, workers)
                 await services.batcher.start()
                 app.state.services = services
                 _refresh_gauges(services)
                 metrics.ready.set(1)
                 engine = services.engine
                 metrics.compute_info.labels(dtype_name(engine.dtype), engine.layout).set(1)
-                log.info("ready: %s on %s, %s, %s", services.backbone.arch, engine.device,
-                         dtype_name(engine.dtype), engine.layout)  # fmt: skip
+                metrics.watch_engine(engine)
+                log.info("ready: %s on %s, %s, %s, %d worker(s) x %d thread(s)", services.backbone.arch,
+                         engine.device, dtype_name(engine.dtype), engine.layout, workers, threads)  # fmt: skip
             except Exception as exc:
                 app.state.startup_error = exc
                 if isinstance(exc, PiggybackError | OSError):
@@ -440,7 +491,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             validate_task_name(task)
             loaded = services.engine.get_task(task)
-            label = task
+            label = metrics.task_label(task)
             data = await image_bytes(request)
             loop = asyncio.get_running_loop()
             services.batcher.expect()  # a batch closing now waits for this image (see batcher.py)
@@ -477,16 +528,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def _summary(task: LoadedTask) -> dict[str, Any]:
         return task.file.summary() | {"version": task.version}
 
-    @app.get("/tasks", response_model=TaskListResponse, summary="List registered tasks")
-    async def list_tasks(services: ServicesDep) -> TaskListResponse:
-        tasks = sorted(services.engine.tasks.values(), key=lambda t: t.name)
+    @app.get(
+        "/tasks",
+        response_model=TaskListResponse,
+        responses=_errors(422, 503),
+        summary="List registered tasks, a page at a time",
+    )
+    async def list_tasks(
+        services: ServicesDep,
+        limit: Annotated[int, Query(ge=1, le=1000, description="tasks per page")] = 100,
+        after: Annotated[str | None, Query(max_length=64, description="the previous page's `next`")] = None,
+    ) -> TaskListResponse:
+        names = sorted(services.engine.tasks)
+        start = bisect.bisect_right(names, after) if after is not None else 0
+        page = names[start : start + limit]
+        tasks = services.engine.tasks
         failed = dict.fromkeys(services.registry.failed, "cannot be loaded; see the server log")
-        return TaskListResponse(tasks=[TaskSummaryPublic(**_summary(t)) for t in tasks], failed=failed)
+        return TaskListResponse(
+            tasks=[TaskSummaryPublic(**_summary(tasks[n])) for n in page if n in tasks],
+            failed=failed,
+            total=len(names),
+            next=page[-1] if start + limit < len(names) else None,
+        )
+
+    def _public(services: Services, task: LoadedTask) -> TaskPublic:
+        r = services.engine.residency(task.name)
+        residency = ResidencyPublic(packed_bytes=r.packed_bytes, built_bytes=r.built_bytes, pinned=r.pinned,
+                                    cache_hits=r.hits, cache_misses=r.misses)  # fmt: skip
+        return TaskPublic(**_summary(task), residency=residency)
 
     @app.get("/tasks/{task}", response_model=TaskPublic, responses=_errors(404, 422, 503), summary="One task")
     async def get_task(task: TaskName, services: ServicesDep) -> TaskPublic:
         validate_task_name(task)
-        return TaskPublic(**_summary(services.engine.get_task(task)))
+        return _public(services, services.engine.get_task(task))
 
     @app.put(
         "/tasks/{task}",
@@ -520,7 +594,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.status_code = 201 if registration.created else 200
         log.info("task %r %s (version %s)", task, "registered" if registration.created else "replaced",
                  registration.task.version)  # fmt: skip
-        return TaskPublic(**_summary(registration.task))
+        return _public(services, registration.task)
 
     @app.delete(
         "/tasks/{task}",
@@ -553,6 +627,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dtype=dtype_name(services.engine.dtype),
             layout=services.engine.layout,
             tasks=len(services.engine.tasks),
+            workers=services.batcher.policy.workers,
+            worker_threads=services.worker_threads,
+            cache_budget_bytes=services.engine.cache.max_bytes,
         )
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")

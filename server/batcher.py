@@ -4,10 +4,23 @@ Requests wait in per-task FIFO queues with one bound on their total (``queue_siz
 answers at once (QueueFullError -> 503 + Retry-After) instead of growing. A batch closes when it
 holds ``max_batch_size`` requests or when its oldest request has waited ``max_wait``.
 
-**Fairness.** A batch is filled round-robin over the tasks that have requests waiting, oldest
-request first within each task, in the order of each task's oldest request. A hot task with a
-thousand requests queued and a cold one with a single request both get a place in the next batch:
-no task waits behind another's backlog for more than one batch.
+**Affinity with fairness.** A batch is formed from whole-task groups, so that a mixed batch has
+few, large segments (each segment is one task's network; fewer segments is faster). Exactly:
+
+1. Waiting tasks are ranked: tasks *deferred* by the previous batch first, then by the arrival time
+   of each task's oldest waiting request.
+2. Every deferred task gets one place, in rank order.
+3. The rest of the batch is filled in rank order, each task contributing all its waiting requests
+   that fit (oldest first), before the next task.
+4. Every task that waited and got no place is deferred to the next batch.
+
+So a task with one request never waits behind another task's backlog for more than one batch: it
+is either in the next batch or deferred, and a deferred task is in the batch after that (as long as
+fewer tasks than ``max_batch_size`` are deferred at once; beyond that, oldest first).
+
+**Workers.** Up to ``workers`` batches run at once, each on its own thread of the executor (on a
+CPU, each with its own intra-op threads: see server.app). While every worker is busy, requests
+accumulate, so the next batch is fuller.
 
 **Arrivals.** A request whose body has been read and whose image is being decoded is *expected*
 (:meth:`Batcher.expect`). A batch that is not full waits for expected requests past ``max_wait``,
@@ -20,8 +33,8 @@ before, so a lone client waits no longer.
 DeadlineExceededError (-> 504) and never reaches the device; its caller stops waiting at the
 deadline in any case.
 
-Batches mix tasks and run through :meth:`Engine.run_mixed` on a single worker thread, so the event
-loop stays free for HTTP and decoding. Requests hold the :class:`LoadedTask` they were admitted
+Batches mix tasks and run through :meth:`Engine.run_mixed` on the worker threads, so the event
+loop stays free for HTTP. Requests hold the :class:`LoadedTask` they were admitted
 with, so replacing or deleting a task never fails a request already admitted.
 """
 
@@ -52,6 +65,7 @@ class BatchPolicy:
     queue_size: int = 256
     timeout_s: float = 30.0
     arrival_wait_s: float = 0.05  # how much longer than max_wait a batch may wait for expected requests
+    workers: int = 1  # batches running at once (threads of the executor)
 
 
 @dataclass(frozen=True)
@@ -84,13 +98,18 @@ class Batcher:
         self.engine = engine
         self.policy = policy
         self._queues: OrderedDict[str, deque[_Request]] = OrderedDict()
+        self._deferred: set[str] = set()  # tasks passed over by the last batch: first in the next
+        self._in_flight = 0
         self._pending = 0
         self._expected = 0  # requests being decoded, about to be submitted
         self._wakeup = asyncio.Event()
         # The one thread that runs tensor work (see server.app: every torch op of the process runs
         # there, because a second thread using torch's OpenMP pool slows every later forward pass).
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="piggyback-device")
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=policy.workers, thread_name_prefix="piggyback-device"
+        )
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._on_batch = on_batch or (lambda _: None)
@@ -157,39 +176,55 @@ class Batcher:
         heads = [q[0].enqueued for q in self._queues.values() if q]
         return min(heads) if heads else None
 
+    def _pop_live(self, queue: deque[_Request], now: float) -> _Request | None:
+        """The oldest request of ``queue`` that still has a caller and time left; the others are
+        dropped (an expired one is answered with DeadlineExceededError)."""
+        while queue:
+            req = queue.popleft()
+            self._pending -= 1
+            if req.future.done():
+                continue  # its caller gave up
+            if req.deadline <= now:
+                req.future.set_exception(DeadlineExceededError(timeout_s=self.policy.timeout_s))
+                continue
+            return req
+        return None
+
     def _take(self) -> list[_Request]:
-        """Up to max_batch_size live requests, round-robin over tasks by their oldest request."""
+        """Up to max_batch_size live requests, by the affinity policy in the module docstring."""
         now = time.monotonic()
-        order = sorted((q[0].enqueued, name) for name, q in self._queues.items() if q)
-        names = [name for _, name in order]
-        batch: list[_Request] = []
-        while names and len(batch) < self.policy.max_batch_size:
-            for name in list(names):
-                queue = self._queues[name]
-                while queue:
-                    req = queue.popleft()
-                    self._pending -= 1
-                    if req.future.done():
-                        continue  # its caller gave up
-                    if req.deadline <= now:
-                        req.future.set_exception(DeadlineExceededError(timeout_s=self.policy.timeout_s))
-                        continue
-                    batch.append(req)
-                    break
-                if not queue:
-                    names.remove(name)
-                    del self._queues[name]
-                if len(batch) >= self.policy.max_batch_size:
-                    break
+        for name in [n for n, q in self._queues.items() if not q]:
+            del self._queues[name]
+        ranked = sorted(self._queues, key=lambda n: (n not in self._deferred, self._queues[n][0].enqueued))
+        room = self.policy.max_batch_size
+        groups: dict[str, list[_Request]] = {}
+        for name in ranked:  # 2. one place for every deferred task
+            if room == 0 or name not in self._deferred:
+                break
+            req = self._pop_live(self._queues[name], now)
+            if req is not None:
+                groups[name] = [req]
+                room -= 1
+        for name in ranked:  # 3. whole-task groups in rank order
+            if room == 0:
+                break
+            queue = self._queues[name]
+            while room and (req := self._pop_live(queue, now)) is not None:
+                groups.setdefault(name, []).append(req)
+                room -= 1
+        # 4. passed over: first in the next batch
+        self._deferred = {n for n in ranked if n not in groups and self._queues[n]}
+        for name in [n for n, q in self._queues.items() if not q]:
+            del self._queues[name]
         self._on_depth(self._pending)
-        return batch
+        return [req for group in groups.values() for req in group]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._accepting or self._pending:
-            if not self._pending:
+        while self._accepting or self._pending or self._in_flight:
+            if self._in_flight >= self.policy.workers or not self._pending:
                 self._wakeup.clear()
-                if not self._accepting:
+                if not (self._accepting or self._pending or self._in_flight):
                     break
                 await self._wakeup.wait()
                 continue
@@ -206,7 +241,15 @@ class Batcher:
                     continue
             batch = self._take()
             if batch:
-                await self._execute(loop, batch)
+                self._in_flight += 1
+                running = asyncio.create_task(self._execute(loop, batch))
+                self._running.add(running)
+                running.add_done_callback(self._finished)
+
+    def _finished(self, running: asyncio.Task[None]) -> None:
+        self._running.discard(running)
+        self._in_flight -= 1
+        self._wakeup.set()
 
     def _run_group(self, reqs: list[_Request]) -> list[Tensor]:
         # Stacking is a tensor op too: it belongs on the device thread, not the event loop.

@@ -252,6 +252,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         default = info.default
         help_text = (info.description or name.replace("_", " ")) + f" (env PIGGYBACK_{name.upper()}"
         help_text += ")" if default is None or name == "token" else f", default {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if info.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -2,16 +2,63 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from piggyback_core import Engine
+
+__all__ = ["OTHER_TASKS", "Metrics"]
+
+OTHER_TASKS = "_other"  # the task label of every task past the per-task series bound
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class _CacheCollector(Collector):
+    """The weight cache's figures, read from the engine at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        cache = self.engine.cache
+        yield GaugeMetricFamily(
+            "piggyback_weight_cache_budget_bytes", "Byte budget of the built-weights cache", value=cache.max_bytes
+        )
+        yield GaugeMetricFamily("piggyback_weight_cache_bytes", "Bytes of built weights held", value=cache.bytes)
+        yield GaugeMetricFamily(
+            "piggyback_weight_cache_pinned_bytes", "Bytes of pinned tasks' built weights", value=cache.pinned_bytes
+        )
+        yield GaugeMetricFamily("piggyback_weight_cache_tasks", "Tasks whose built weights are held", value=len(cache))
+        yield CounterMetricFamily(
+            "piggyback_weight_cache_hits", "Batches that found a task's weights built (one per task)", value=cache.hits
+        )
+        yield CounterMetricFamily(
+            "piggyback_weight_cache_misses", "Batches that built a task's weights (one per task)", value=cache.misses
+        )
+        yield CounterMetricFamily(
+            "piggyback_weight_cache_evictions", "Built weights evicted for the budget", value=cache.evictions
+        )
+
+
 class Metrics:
-    def __init__(self) -> None:
+    """``top_tasks`` and ``tasks`` bound the per-task series (``task_label``): the tasks named in
+    ``tasks`` and the first ``top_tasks`` others to get traffic have their own; every other task is
+    counted under ``task="_other"``, so 10,000 tasks do not make 10,000 x statuses series."""
+
+    def __init__(self, *, top_tasks: int = 50, tasks: Iterable[str] = ()) -> None:
+        self.top_tasks = top_tasks
+        self._allowed = set(tasks)
+        self._labelled: set[str] = set()
+        self._label_lock = threading.Lock()
+        self._engine_watched = False
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -59,3 +106,21 @@ class Metrics:
             ["dtype", "layout"],
             registry=r,
         )
+
+        self.workers = Gauge("piggyback_workers", "Batches computed at once (worker threads)", registry=r)
+        self.worker_threads = Gauge("piggyback_worker_threads", "Intra-op threads of each worker", registry=r)
+
+    def task_label(self, task: str) -> str:
+        """``task`` itself within the per-task series bound, else ``_other``."""
+        if task in self._allowed or task in self._labelled:
+            return task
+        with self._label_lock:
+            if len(self._labelled) < self.top_tasks:
+                self._labelled.add(task)
+                return task
+        return OTHER_TASKS
+
+    def watch_engine(self, engine: Engine) -> None:
+        if not self._engine_watched:
+            self.registry.register(_CacheCollector(engine))
+            self._engine_watched = True

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from piggyback_core import (
@@ -59,33 +60,40 @@ class TaskRegistry:
         self._versions: dict[str, str] = {}  # store version of what the engine holds, per task
         self.failed: dict[str, str] = {}  # tasks in the store that could not be loaded, and why
 
-    def _load_from_store(self, name: str) -> LoadedTask:
-        blob = self.store.get(name)
-        task = TaskFile.from_bytes(blob.data).renamed(name)
-        loaded = self.engine.add_task(task)
-        self._versions[name] = blob.version
-        return loaded
+    def _read(self, name: str) -> tuple[TaskFile, str] | PiggybackError:
+        """Task ``name`` from the store, checked against the backbone (thread-safe: parallel at
+        start), or the reason it cannot be served."""
+        try:
+            blob = self.store.get(name)
+            task = TaskFile.from_bytes(blob.data).renamed(name)
+            task.check_compatible(self.engine.backbone)
+        except PiggybackError as exc:
+            return exc
+        return task, blob.version
 
-    def sync(self) -> SyncReport:
+    def sync(self, pool: Executor | None = None) -> SyncReport:
         """Load what the store has and the engine lacks (or holds in another version); drop what
-        the store no longer has. Also the start-up load."""
+        the store no longer has. Also the start-up load, where ``pool`` reads and validates the
+        files in parallel (the engine then takes them one by one)."""
         with self._lock:
             snapshot = self.store.snapshot()
             changes = diff_snapshots(self._versions, snapshot)
+            todo = [n for n in [*changes.added, *changes.changed] if self.failed.get(n) != snapshot[n]]
+            read = pool.map(self._read, todo) if pool is not None and len(todo) > 1 else map(self._read, todo)
             loaded, failed = [], {}
-            for name in [*changes.added, *changes.changed]:
-                if self.failed.get(name) == snapshot[name]:
-                    continue  # the same broken version: reported once
-                try:
-                    self._load_from_store(name)
-                    loaded.append(name)
-                    self.failed.pop(name, None)
-                except TaskNotFoundError:
+            for name, outcome in zip(todo, read, strict=True):
+                if isinstance(outcome, TaskNotFoundError):
                     continue  # deleted meanwhile; the next sync sees it gone
-                except PiggybackError as exc:
-                    failed[name] = str(exc)
-                    self.failed[name] = snapshot[name]
-                    log.error("task %r in the store cannot be served: %s", name, exc)
+                if isinstance(outcome, PiggybackError):
+                    failed[name] = str(outcome)
+                    self.failed[name] = snapshot[name]  # the same broken version is reported once
+                    log.error("task %r in the store cannot be served: %s", name, outcome)
+                    continue
+                task, version = outcome
+                self.engine.add_task(task)
+                self._versions[name] = version
+                loaded.append(name)
+                self.failed.pop(name, None)
             for name in changes.removed:
                 self._versions.pop(name, None)
                 self.failed.pop(name, None)

@@ -43,7 +43,16 @@ class TaskSummaryPublic(BaseModel):
     provenance: dict[str, Any]
 
 
+class ResidencyPublic(BaseModel):
+    packed_bytes: int = Field(description="masks, head and per-task BatchNorm: always resident")
+    built_bytes: int = Field(description="built weights held in the cache now (0: built per batch)")
+    pinned: bool
+    cache_hits: int = Field(description="batches that found this task's weights built")
+    cache_misses: int = Field(description="batches that built them")
+
+
 class TaskPublic(TaskSummaryPublic):
+    residency: ResidencyPublic
     labels: list[str]
     threshold: float
     masked_out: float
@@ -57,6 +66,8 @@ class TaskPublic(TaskSummaryPublic):
 class TaskListResponse(BaseModel):
     tasks: list[TaskSummaryPublic]
     failed: dict[str, str] = Field(description="tasks in the store that could not be loaded, with the reason")
+    total: int = Field(description="tasks loaded in all")
+    next: str | None = Field(description="pass as ?after= for the next page; null on the last page")
 
 
 class HealthResponse(BaseModel):
@@ -71,6 +82,9 @@ class ReadyResponse(BaseModel):
     dtype: str = Field(description="compute dtype: float32, bfloat16 or float16")
     layout: str = Field(description="activation layout: channels_last or contiguous")
     tasks: int
+    workers: int = Field(description="batches computed at once")
+    worker_threads: int = Field(description="intra-op threads of each worker")
+    cache_budget_bytes: int = Field(description="byte budget of the built-weights cache")
 
 
 class ErrorResponse(BaseModel):

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from piggyback_core import list_backbones
+from piggyback_core import list_backbones, validate_task_name
 
 __all__ = ["Settings", "get_settings"]
 
@@ -56,12 +56,35 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_task_bytes: int = Field(512 * 1024 * 1024, ge=1)
     store_poll_s: float = Field(2.0, gt=0, description="how often the store is checked for other replicas' changes")
-    cache_bytes: int | None = Field(
-        None,
-        ge=0,
-        description="LRU of recently used tasks' built weights, in bytes (0: build them every batch); "
-        "default: 256 MiB on CPU, 1 GiB on CUDA",
+    cache_bytes: int | Literal["auto"] = Field(
+        "auto",
+        description="budget of the LRU of built task weights, in bytes (0: build them every batch); auto: half of "
+        "the memory available at start on a CPU (the container's limit if lower), 80% of the free GPU memory "
+        "after the backbone and a warm-up of the largest batch on CUDA",
     )
+    pin_tasks: str = Field(
+        "",
+        description="comma-separated tasks to build, warm up and pin in the weight cache at start (and whenever "
+        "they are registered)",
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="batches computed at once, each on its own thread; default: on a CPU min(cores, 8), on CUDA 1",
+    )
+    worker_threads: int | None = Field(
+        None, ge=1, le=256, description="intra-op threads of each worker; default: on a CPU cores // workers"
+    )
+    load_threads: int = Field(4, ge=1, le=64, description="threads that read and validate task files at start")
+    metrics_top_tasks: int = Field(
+        50,
+        ge=0,
+        le=10_000,
+        description="per-task metric series for at most this many tasks (the first to get traffic, and "
+        '--metrics-tasks); every other task is counted under task="_other"',
+    )
+    metrics_tasks: str = Field("", description="comma-separated tasks that always get their own metric series")
     decode_threads: int | None = Field(
         None,
         ge=0,
@@ -92,6 +115,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"{field}_file {str(path)!r} is empty")
             object.__setattr__(self, field, SecretStr(secret))  # frozen model: set once, while validating
         return self
+
+    @field_validator("pin_tasks", "metrics_tasks")
+    @classmethod
+    def _task_list(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        for name in names:
+            validate_task_name(name)
+        return ",".join(names)
+
+    @property
+    def pinned(self) -> list[str]:
+        return [n for n in self.pin_tasks.split(",") if n]
+
+    @property
+    def metric_task_names(self) -> list[str]:
+        return [n for n in self.metrics_tasks.split(",") if n]
 
     @field_validator("backbone")
     @classmethod

@@ -259,3 +259,43 @@ def test_channels_last_fp32_engine_equals_the_reference(arch: str) -> None:
 def test_float16_is_refused_on_a_cpu() -> None:
     with pytest.raises(ValueError, match="float16"):
         Engine(load_backbone("resnet18", weights="random"), dtype=torch.float16)
+
+
+def test_the_weight_cache_evicts_least_recently_used_keeps_pinned_and_counts() -> None:
+    from piggyback_core import WeightCache
+
+    def weights(n: int) -> dict[str, torch.Tensor]:
+        return {"w": torch.zeros(n, dtype=torch.uint8)}
+
+    cache = WeightCache(300, stale_after=0)
+    cache.pin("p")
+    assert cache.put(("p", "1"), weights(100))
+    assert cache.put(("a", "1"), weights(100)) and cache.put(("b", "1"), weights(100))
+    cache.get(("a", "1"))  # b is now the least recently used unpinned entry
+    assert cache.put(("c", "1"), weights(100))
+    assert cache.get(("b", "1")) is None and cache.get(("a", "1")) is not None and cache.evictions == 1
+    assert not cache.put(("big", "1"), weights(250))  # only 200 bytes are evictable beside the pin
+    assert cache.resident_bytes("p") == 100 and cache.pinned_bytes == 100
+    cache.resize(100)  # everything unpinned goes; the pinned entry stays
+    assert cache.bytes == 100 and cache.get(("p", "1")) is not None and cache.evictions == 3
+    assert cache.task_stats("a") == (2, 0) and cache.task_stats("b") == (0, 1)
+    cache.forget("p")
+    assert cache.bytes == 0 and not cache.is_pinned("p")
+
+
+def test_a_pinned_task_is_built_once_and_rebuilt_when_replaced(resnet18: Backbone) -> None:
+    engine = Engine(resnet18, cache_bytes=3 * sum(m.weight.nbytes for m in resnet18.masked))
+    engine.add_task(make_task(resnet18, "a", seed=1))
+    engine.pin("a")
+    assert engine.residency("a").built_bytes == engine.weights_nbytes and engine.residency("a").pinned
+    x = _input("resnet18", batch=2)
+    first = engine.run("a", x)
+    assert engine.residency("a").hits == 1 and engine.residency("a").misses == 0
+    engine.add_task(make_task(resnet18, "a", seed=2))  # a new version: built and pinned at once
+    assert engine.residency("a").built_bytes == engine.weights_nbytes
+    assert not torch.equal(engine.run("a", x), first) and engine.residency("a").misses == 0
+    small = Engine(resnet18, cache_bytes=1000)
+    small.add_task(make_task(resnet18, "b", seed=1))
+    with pytest.raises(EngineError, match="cannot be pinned"):
+        small.pin("b")
+    assert not small.residency("b").pinned

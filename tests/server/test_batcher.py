@@ -1,10 +1,12 @@
 import asyncio
+import itertools
 import time
+from collections import deque
 
 import torch
 
 from piggyback_core import Backbone, Engine
-from server.batcher import Batcher, BatchPolicy, BatchStats
+from server.batcher import Batcher, BatchPolicy, BatchStats, _Request
 from server.errors import NotReadyError
 from tests.server.conftest import small_task
 
@@ -57,8 +59,10 @@ def test_a_hot_task_cannot_starve_a_cold_one(resnet18: Backbone) -> None:
         await batcher.stop()
         return served_before_cold
 
-    assert asyncio.run(scenario()) == 1  # the cold request rode in the very first batch
-    assert batches[0].tasks == 2 and batches[0].size == 4
+    # the first batch is one whole-task group of hot; cold, deferred by it, rides in the second
+    assert asyncio.run(scenario()) == 2
+    assert batches[0].tasks == 1 and batches[0].size == 4
+    assert batches[1].tasks == 2
 
 
 def test_a_batch_waits_past_max_wait_for_an_expected_request_and_no_longer_without_one(resnet18: Backbone) -> None:
@@ -90,3 +94,73 @@ def test_a_batch_waits_past_max_wait_for_an_expected_request_and_no_longer_witho
     lone = asyncio.run(scenario())
     assert batches[0].size == 2 and batches[1].size == 1
     assert lone < 1.0  # far below max_wait + arrival_wait
+
+
+class _StarvingBatcher(Batcher):
+    """The mutation: whole-task groups by oldest request, without deferral (a hot backlog that
+    keeps its oldest request ahead of a cold task fills batch after batch)."""
+
+    def _take(self) -> list[_Request]:
+        now = time.monotonic()
+        batch: list[_Request] = []
+        for name in sorted((n for n, q in self._queues.items() if q), key=lambda n: self._queues[n][0].enqueued):
+            queue = self._queues[name]
+            while len(batch) < self.policy.max_batch_size and (req := self._pop_live(queue, now)) is not None:
+                batch.append(req)
+        return batch
+
+
+def _batches_a_cold_request_waits(cls: type[Batcher], backbone: Backbone) -> list[int]:
+    """A hot task keeps a backlog of 40 (each of its requests older than any cold one); every
+    batch, one new cold task sends one request. Returns, per cold request, how many batches were
+    formed after it arrived until the one that took it (1: the next batch)."""
+    engine = _engine(backbone, "hot", *(f"cold{i}" for i in range(12)))
+    loop = asyncio.new_event_loop()
+    batcher = cls(engine, BatchPolicy(max_batch_size=8, queue_size=1000))
+    clock = itertools.count()
+
+    def request(name: str) -> _Request:
+        batcher._pending += 1
+        return _Request(engine.get_task(name), torch.empty(0), next(clock), float("inf"), loop.create_future())
+
+    batcher._queues["hot"] = deque(request("hot") for _ in range(40))
+    waited: dict[str, int] = {}
+    arrived: dict[str, int] = {}
+    for formed in range(12):
+        cold = f"cold{formed}"
+        batcher._queues[cold] = deque([request(cold)])
+        arrived[cold] = formed
+        for req in batcher._take():
+            if req.task.name != "hot":
+                waited[req.task.name] = formed - arrived[req.task.name] + 1
+        while len(batcher._queues["hot"]) < 40:  # the hot backlog stays, always older
+            batcher._queues["hot"].appendleft(request("hot"))
+            batcher._queues["hot"][0].enqueued = -1.0
+    loop.close()
+    return [waited.get(f"cold{i}", 99) for i in range(11)]
+
+
+def test_affinity_batching_serves_a_one_request_task_within_one_batch_of_a_backlog(resnet18: Backbone) -> None:
+    waits = _batches_a_cold_request_waits(Batcher, resnet18)
+    assert max(waits) <= 2, waits  # the next batch, or (deferred by a whole-task group) the one after
+
+
+def test_the_fairness_check_fails_for_a_policy_that_starves(resnet18: Backbone) -> None:
+    waits = _batches_a_cold_request_waits(_StarvingBatcher, resnet18)
+    assert max(waits) > 2, waits
+
+
+def test_a_batch_is_made_of_whole_task_groups_not_round_robin(resnet18: Backbone) -> None:
+    engine = _engine(resnet18, "a", "b", "c")
+    loop = asyncio.new_event_loop()
+    batcher = Batcher(engine, BatchPolicy(max_batch_size=8, queue_size=100))
+    for t, name in enumerate(["a"] * 6 + ["b"] * 6 + ["c"]):
+        batcher._queues.setdefault(name, deque()).append(
+            _Request(engine.get_task(name), torch.empty(0), float(t), float("inf"), loop.create_future())
+        )
+        batcher._pending += 1
+    first = [r.task.name for r in batcher._take()]
+    second = [r.task.name for r in batcher._take()]
+    loop.close()
+    assert first == ["a"] * 6 + ["b"] * 2  # two segments (round-robin would make three: a, b, c)
+    assert second == ["c"] + ["b"] * 4  # c, deferred by the first batch, goes first

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-fuzz bench bench-compute bench-accuracy lint clean
+.PHONY: install demo test test-slow test-fuzz bench bench-compute bench-scale bench-accuracy lint clean
 
 # What serving needs (the demo); the dev stamp adds the test toolchain on top of it.
 $(RUNTIME): pyproject.toml
@@ -45,6 +45,11 @@ bench-compute: $(STAMP)  # dtype/layout per backbone, JPEG decoding, the server 
 	$(BIN)/python -m benchmarks.layouts
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.compute
+
+bench-scale: $(STAMP)  # 1 to 1,000 tasks, uniform and Zipf traffic, against one-model-per-task baselines (~45 min)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.mixed --arch resnet18
+	$(BIN)/python -m benchmarks.scale --duration 8 --memory-tasks resnet18:10000
 
 bench-accuracy: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

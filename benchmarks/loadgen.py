@@ -11,7 +11,7 @@ throughput, latency percentiles (ms) of those answers and the count of each HTTP
 ``--traffic cycle`` (default): request ``i`` of a client goes to ``tasks[i % len(tasks)]`` with
 image ``i % len(images)``, clients staggered so that every batch mixes tasks. ``uniform``: each
 request to a task drawn uniformly at random; ``zipf``: drawn with probability proportional to
-``1 / rank`` (Zipf, s = 1; the first task is the most popular). Seeded per client.
+``1 / rank`` (Zipf, s = 1; ranks given to the tasks by a seeded shuffle). Seeded per client.
 ``--urls`` (one per task, in the order of ``--tasks``) sends each task to its own server.
 """
 
@@ -49,6 +49,8 @@ def run(
 ) -> dict:
     targets = [urlparse(u) for u in urls] if urls else [urlparse(url)] * len(tasks)
     weights = list(itertools.accumulate(1.0 / (r + 1) for r in range(len(tasks))))
+    popularity = list(range(len(tasks)))  # Zipf rank -> task: a seeded shuffle, unrelated to names
+    random.Random(seed).shuffle(popularity)
     start = time.monotonic()
     measure_from, stop_at = start + warmup, start + warmup + duration
     latencies: list[float] = []
@@ -67,7 +69,7 @@ def run(
             if traffic == "uniform":
                 t = rng.randrange(len(tasks))
             elif traffic == "zipf":
-                t = rng.choices(range(len(tasks)), cum_weights=weights)[0]
+                t = popularity[rng.choices(range(len(tasks)), cum_weights=weights)[0]]
             else:
                 t = i % len(tasks)
             target = targets[t]

@@ -2,7 +2,7 @@
 of tasks, with the one-model-per-task baselines measured in the same run.
 
     python -m benchmarks.scale [--arch resnet18 --arch resnet50] [--tasks 1,8,64,512,1000]
-                               [--clients 16,64] [--duration 10] [--memory-tasks 10000]
+                               [--clients 16,64] [--duration 10] [--memory-tasks resnet18:10000]
 
 For each backbone and task count T: a store of T tasks (seeded random weights; masks of about 90%
 density, 16 distinct mask sets, a distinct head per task), our server started on it (start time =
@@ -21,7 +21,7 @@ Baselines, in the same run and on the same JPEGs:
 * ``plain``: the plain fp32 eager decode + transform + torchvision forward loop in batches of 8
   (the issue's floor for uniform traffic over 1,000 tasks).
 
-``--memory-tasks N`` also starts our server on N tasks (no load): start time and RSS only.
+``--memory-tasks ARCH:N`` also starts our server on N tasks (no load): start time and RSS only.
 Writes benchmarks/results/scale.{md,json,png}.
 """
 
@@ -54,7 +54,8 @@ from benchmarks.serving import (
     stop_server,
     write_results,
 )
-from piggyback_core import SUFFIX, FileSystemStore, TaskFile, load_backbone
+from piggyback_core import FileSystemStore, TaskFile, load_backbone
+from piggyback_core.store import SUFFIX
 
 WORK = Path(os.environ.get("PIGGYBACK_BENCH_WORK", "/tmp/piggyback-scale"))
 
@@ -111,10 +112,23 @@ def metrics_of(url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
         text = r.read().decode()
     out = {}
-    for name in ("hits", "misses"):
-        m = re.search(rf"^piggyback_weight_cache_{name}_total (\S+)$", text, re.M)
-        out[name] = float(m.group(1)) if m else 0.0
+    for name in ("hits_total", "misses_total", "bytes"):
+        m = re.search(rf"^piggyback_weight_cache_{name} (\S+)$", text, re.M)
+        out[name.removesuffix("_total")] = float(m.group(1)) if m else 0.0
     return out
+
+
+def wait_prefilled(url: str, limit_s: float = 120.0) -> float:
+    """Seconds until the server's background cache prefill stops growing the cache."""
+    t0 = time.perf_counter()
+    last = -1.0
+    while time.perf_counter() - t0 < limit_s:
+        now = metrics_of(url)["bytes"]
+        if now == last:
+            break
+        last = now
+        time.sleep(1.0)
+    return time.perf_counter() - t0
 
 
 def ready_info(url: str) -> dict[str, Any]:
@@ -156,6 +170,7 @@ def run_ours(arch: str, count: int, photos: Path, clients: list[int], traffics: 
         result["cache_budget_bytes"] = info["cache_budget_bytes"]
         result["workers"] = f"{info['workers']}x{info['worker_threads']}"
         result["dtype"] = info["dtype"]
+        result["prefill_s"] = wait_prefilled(url)
         names = [task_name(i) for i in range(count)]
         for traffic in traffics if count > 1 else traffics[:1]:
             for c in clients:
@@ -342,7 +357,9 @@ def main() -> None:
     parser.add_argument("--traffic", default="uniform,zipf")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--baseline-clients", default="16", help="client counts of the LRU baseline")
-    parser.add_argument("--memory-tasks", type=int, action="append", default=[], help="start-time/RSS-only counts")
+    parser.add_argument(
+        "--memory-tasks", action="append", default=[], help="ARCH:COUNT, start time and RSS only (no load)"
+    )
     parser.add_argument("--dtype", default="auto", help="our server's --dtype (the baselines run in the same)")
     args, server_args = parser.parse_known_args()
     counts = [int(x) for x in args.tasks.split(",")]
@@ -368,7 +385,8 @@ def main() -> None:
             a["lru"].append(run_lru(arch, count, photos, baseline_clients, traffics, args.duration, budget, dtype))
             if count == 8:
                 a["workers"].append(run_workers(arch, 8, photos, baseline_clients, ["uniform"], args.duration, dtype))
-        a["memory"] = [memory_only(arch, n, ["--dtype", args.dtype, *server_args]) for n in args.memory_tasks]
+        memory_counts = [int(m.split(":")[1]) for m in args.memory_tasks if m.split(":")[0] == arch]
+        a["memory"] = [memory_only(arch, n, ["--dtype", args.dtype, *server_args]) for n in memory_counts]
         write_results("scale", to_markdown(record), record)
     plot(record, ROOT / "benchmarks" / "results" / "scale.png")
     shutil.rmtree(WORK / "photos", ignore_errors=True)

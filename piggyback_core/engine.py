@@ -222,6 +222,22 @@ class WeightCache:
                 self.bytes -= self._entries.pop(key)[1]
                 self._last_used.pop(key, None)
 
+    def put_if_free(self, key: tuple[str, str], weights: dict[str, Tensor]) -> bool:
+        """Store ``weights`` only into free room (evicting nothing): what prefilling uses."""
+        size = sum(t.nbytes for t in weights.values())
+        with self._lock:
+            if key in self._entries or self.bytes + size > self.max_bytes:
+                return False
+            self._entries[key] = (weights, size)
+            self._entries.move_to_end(key, last=False)  # least recently used: first to go
+            self._last_used[key] = 0
+            self.bytes += size
+            return True
+
+    @property
+    def free_bytes(self) -> int:
+        return self.max_bytes - self.bytes
+
     def forget(self, name: str) -> None:
         """``name`` is gone: drop its entries, pin and counters."""
         self.evict(name)
@@ -419,6 +435,16 @@ class Engine:
 
     def unpin(self, name: str) -> None:
         self.cache.unpin(name)
+
+    def prefill(self, name: str) -> bool:
+        """Build ``name``'s weights into the cache's free room (evicting nothing); False when
+        there is no room left (or the task is gone or already built)."""
+        task = self._tasks.get(name)
+        if task is None or self.cache.free_bytes < self._weights_nbytes:
+            return False
+        if self.cache.resident_bytes(name):
+            return True
+        return self.cache.put_if_free((task.name, task.version), self.build_weights(task))
 
     def residency(self, name: str) -> Residency:
         """Where ``name``'s memory is and how its cache lookups went."""

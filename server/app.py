@@ -322,12 +322,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     log.info("store sync: loaded %s, removed %s", report.loaded, report.removed)
                     _refresh_gauges(services)
 
+        async def prefill_cache() -> None:
+            """After ready: build tasks' weights into the cache's free room, one task at a time on
+            the workers (between batches), so that traffic finds them built instead of filling the
+            cache one miss at a time. Evicts nothing; stops when the budget is full."""
+            await starter
+            services = app.state.services
+            if services is None or not settings.prefill:
+                return
+            engine, built = services.engine, 0
+            for name in sorted(engine.tasks, key=lambda n: hashlib.sha256(n.encode()).digest()):
+                if engine.cache.free_bytes < engine.weights_nbytes:
+                    break
+                if await loop.run_in_executor(device_thread, engine.prefill, name):
+                    built += 1
+            log.info("weight cache prefilled: %d task(s), %.0f MiB", built, engine.cache.bytes / 2**20)
+
         starter = asyncio.create_task(start())
+        prefiller = asyncio.create_task(prefill_cache())
         poller = asyncio.create_task(poll_store())
         try:
             yield
         finally:
             poller.cancel()
+            prefiller.cancel()
             await starter
             services = app.state.services
             if services is not None:

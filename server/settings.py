@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         "the memory available at start on a CPU (the container's limit if lower), 80% of the free GPU memory "
         "after the backbone and a warm-up of the largest batch on CUDA",
     )
+    prefill: bool = Field(
+        True,
+        description="after start, build tasks' weights into the cache's free room in the background (evicts nothing)",
+    )
     pin_tasks: str = Field(
         "",
         description="comma-separated tasks to build, warm up and pin in the weight cache at start (and whenever "

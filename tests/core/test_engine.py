@@ -299,3 +299,14 @@ def test_a_pinned_task_is_built_once_and_rebuilt_when_replaced(resnet18: Backbon
     with pytest.raises(EngineError, match="cannot be pinned"):
         small.pin("b")
     assert not small.residency("b").pinned
+
+
+def test_prefill_builds_weights_into_free_room_only(resnet18: Backbone) -> None:
+    engine = Engine(resnet18, cache_bytes=int(2.5 * sum(m.weight.nbytes for m in resnet18.masked)))
+    for i, name in enumerate("abc"):
+        engine.add_task(make_task(resnet18, name, seed=i))
+    assert engine.prefill("a") and engine.prefill("b") and not engine.prefill("c")  # no room for a third
+    assert engine.residency("c").built_bytes == 0 and engine.cache.evictions == 0
+    x = _input("resnet18", batch=1)
+    assert torch.equal(engine.run("a", x), Engine(resnet18).run(engine.get_task("a"), x))
+    assert engine.residency("a").hits == 1

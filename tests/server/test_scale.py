@@ -39,6 +39,11 @@ def test_tasks_are_listed_a_page_at_a_time(app_client: AppFactory, store_of_five
                 break
         assert seen == [f"t{i}" for i in range(5)] and pages == 3
         assert len(client.get("/tasks").json()["tasks"]) == 5  # default page: 100
+        for _ in range(200):  # the cache is prefilled in the background after ready
+            if all(client.get(f"/tasks/t{i}").json()["residency"]["built_bytes"] for i in range(5)):
+                break
+            time.sleep(0.05)
+        assert all(client.get(f"/tasks/t{i}").json()["residency"]["built_bytes"] for i in range(5))
         assert client.get("/tasks", params={"limit": 0}).status_code == 422
 
 

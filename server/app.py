@@ -277,6 +277,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             initializer=torch.set_num_threads,
             initargs=(threads,),
         )
+        store_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="piggyback-store", initializer=torch.set_num_threads, initargs=(1,)
+        )
         metrics.workers.set(workers)
         metrics.worker_threads.set(threads)
         loop = asyncio.get_running_loop()
@@ -312,7 +315,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if services is None:
                     continue
                 try:
-                    report = await loop.run_in_executor(device_thread, services.registry.sync)
+                    # Its own thread: listing 10,000 files takes 0.1-0.25 s, which a worker would
+                    # lose every poll (single-threaded torch there: no second OpenMP pool).
+                    report = await loop.run_in_executor(store_thread, services.registry.sync)
                 except PiggybackError as exc:
                     log.error("store sync failed: %s", exc)
                     continue
@@ -351,6 +356,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if services is not None:
                 await services.batcher.stop(drain_timeout_s=settings.request_timeout_s)
                 services.decoder.shutdown(wait=False)
+            store_thread.shutdown(wait=True)
             device_thread.shutdown(wait=True)
 
     def _refresh_gauges(services: Services) -> None:

@@ -80,7 +80,9 @@ class Settings(BaseSettings):
     worker_threads: int | None = Field(
         None, ge=1, le=256, description="intra-op threads of each worker; default: on a CPU cores // workers"
     )
-    load_threads: int = Field(4, ge=1, le=64, description="threads that read and validate task files at start")
+    load_threads: int = Field(
+        1, ge=1, le=64, description="threads that read and validate task files at start (more were slower on 2 cores)"
+    )
     metrics_top_tasks: int = Field(
         50,
         ge=0,

@@ -34,7 +34,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -47,6 +46,7 @@ import torchvision
 from benchmarks.serving import (
     ROOT,
     bench_offline_loops,
+    load,
     machine,
     make_photos,
     make_task,
@@ -136,34 +136,19 @@ def ready_info(url: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
-def load(url: str, photos: Path, tasks: list[str], clients: int, traffic: str, duration: float, **kw: Any) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.loadgen",
-        "--url",
-        url,
-        "--images",
-        str(photos),
-        "--tasks",
-        ",".join(tasks),
-    ]
-    cmd += ["--concurrency", str(clients), "--duration", str(duration), "--warmup", str(kw.get("warmup", 3.0))]
-    cmd += ["--traffic", traffic]
-    if kw.get("urls"):
-        cmd += ["--urls", ",".join(kw["urls"])]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout)
+def start_ours(arch: str, count: int, port: int, server_args: list[str], label: str) -> tuple[str, tuple]:
+    """Our server on the store of ``count`` tasks: its URL and start_server's (proc, log, ready_s)."""
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--backbone", arch, "--weights", "random",
+           "--store", str(store_of(arch, count)), "--port", str(port), "--log-level", "warning",
+           *server_args]  # fmt: skip
+    env = {**os.environ, "PIGGYBACK_TOKEN": secrets.token_hex(16)}
+    return url, start_server(cmd, url, env, WORK / f"{label}-{arch}-{count}.log")
 
 
 def run_ours(arch: str, count: int, photos: Path, clients: list[int], traffics: list[str], duration: float,
              server_args: list[str]) -> dict[str, Any]:  # fmt: skip
-    store = store_of(arch, count)
-    url = "http://127.0.0.1:8731"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--backbone", arch, "--weights", "random",
-           "--store", str(store), "--port", "8731", "--log-level", "warning", *server_args]  # fmt: skip
-    env = {**os.environ, "PIGGYBACK_TOKEN": secrets.token_hex(16)}
-    proc, handle, ready_s = start_server(cmd, url, env, WORK / f"ours-{arch}-{count}.log")
+    url, (proc, handle, ready_s) = start_ours(arch, count, 8731, server_args, "ours")
     result: dict[str, Any] = {"tasks": count, "ready_s": ready_s, "rss_ready": rss(proc.pid), "runs": []}
     try:
         info = ready_info(url)
@@ -175,7 +160,7 @@ def run_ours(arch: str, count: int, photos: Path, clients: list[int], traffics: 
         for traffic in traffics if count > 1 else traffics[:1]:
             for c in clients:
                 before = metrics_of(url)
-                row = load(url, photos, names, c, traffic, duration)
+                row = load(url, photos, names, c, duration, 3.0, traffic)
                 after = metrics_of(url)
                 hits = after["hits"] - before["hits"]
                 lookups = hits + after["misses"] - before["misses"]
@@ -219,7 +204,7 @@ def run_lru(arch: str, count: int, photos: Path, clients: list[int], traffics: l
         names = [task_name(i) for i in range(count)]
         for traffic in traffics if count > 1 else traffics[:1]:
             for c in clients:
-                row = load(url, photos, names, c, traffic, duration) | {"traffic": traffic, "rss": rss(proc.pid)}
+                row = load(url, photos, names, c, duration, 3.0, traffic) | {"traffic": traffic, "rss": rss(proc.pid)}
                 result["runs"].append(row)
                 print(f"  lru {arch} T={count} {traffic} c={c}: {row['throughput']:.1f} img/s, "
                       f"RSS {row['rss'] / 2**30:.2f} GiB, {row['statuses']}", flush=True)  # fmt: skip
@@ -243,7 +228,7 @@ def run_workers(arch: str, count: int, photos: Path, clients: list[int], traffic
         names = [f"task{i}" for i in range(count)]
         for traffic in traffics:
             for c in clients:
-                row = load(urls[0], photos, names, c, traffic, duration, urls=urls)
+                row = load(urls[0], photos, names, c, duration, 3.0, traffic, urls)
                 row |= {"traffic": traffic, "rss": tree_rss([p.pid for p, _, _ in procs])}
                 result["runs"].append(row)
                 print(f"  workers {arch} T={count} {traffic} c={c}: {row['throughput']:.1f} img/s, "
@@ -255,12 +240,7 @@ def run_workers(arch: str, count: int, photos: Path, clients: list[int], traffic
 
 
 def memory_only(arch: str, count: int, server_args: list[str]) -> dict[str, Any]:
-    store = store_of(arch, count)
-    url = "http://127.0.0.1:8733"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--backbone", arch, "--weights", "random",
-           "--store", str(store), "--port", "8733", "--log-level", "warning", *server_args]  # fmt: skip
-    env = {**os.environ, "PIGGYBACK_TOKEN": secrets.token_hex(16)}
-    proc, handle, ready_s = start_server(cmd, url, env, WORK / f"memory-{arch}-{count}.log")
+    _, (proc, handle, ready_s) = start_ours(arch, count, 8733, server_args, "memory")
     try:
         out = {"tasks": count, "ready_s": ready_s, "rss_ready": rss(proc.pid)}
     finally:

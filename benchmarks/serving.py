@@ -334,10 +334,22 @@ def stop_server(proc: subprocess.Popen, handle: Any) -> None:
     handle.close()
 
 
-def load(url: str, photos: Path, tasks: list[str], concurrency: int, duration: float, warmup: float) -> dict:
+def load(
+    url: str,
+    photos: Path,
+    tasks: list[str],
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    traffic: str = "cycle",
+    urls: list[str] | None = None,
+) -> dict:
+    """One benchmarks.loadgen run in its own process (see there for ``traffic`` and ``urls``)."""
     cmd = [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--images", str(photos)]
     cmd += ["--tasks", ",".join(tasks), "--concurrency", str(concurrency)]
-    cmd += ["--duration", str(duration), "--warmup", str(warmup)]
+    cmd += ["--duration", str(duration), "--warmup", str(warmup), "--traffic", traffic]
+    if urls:
+        cmd += ["--urls", ",".join(urls)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout)
 

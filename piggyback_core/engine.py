@@ -204,12 +204,7 @@ class WeightCache:
             evictable = sum(n for k, (_, n) in self._entries.items() if self._evictable(k, stale_only=False))
             if self.bytes - evictable + size > self.max_bytes:
                 return False
-            for old in [k for k in self._entries if self._evictable(k, stale_only=False)]:
-                if self.bytes + size <= self.max_bytes:
-                    break
-                self.bytes -= self._entries.pop(old)[1]
-                self._last_used.pop(old, None)
-                self.evictions += 1
+            self._evict_to(self.max_bytes - size)
             self._entries[key] = (weights, size)
             self._last_used[key] = self._clock
             self.bytes += size
@@ -259,12 +254,17 @@ class WeightCache:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         with self._lock:
             self.max_bytes = max_bytes
-            for old in [k for k in self._entries if self._evictable(k, stale_only=False)]:
-                if self.bytes <= max_bytes:
-                    break
-                self.bytes -= self._entries.pop(old)[1]
-                self._last_used.pop(old, None)
-                self.evictions += 1
+            self._evict_to(max_bytes)
+
+    def _evict_to(self, limit: int) -> None:
+        """Evict least recently used unpinned entries until at most ``limit`` bytes are held
+        (the caller holds the lock)."""
+        for old in [k for k in self._entries if self._evictable(k, stale_only=False)]:
+            if self.bytes <= limit:
+                break
+            self.bytes -= self._entries.pop(old)[1]
+            self._last_used.pop(old, None)
+            self.evictions += 1
 
     def is_pinned(self, name: str) -> bool:
         return name in self._pinned

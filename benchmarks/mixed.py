@@ -14,8 +14,11 @@ and bfloat16, channels_last, it times (interleaved, medians):
 * ``batch``: one convolution of the S images with one weight: the single-task batch the mixed
   path is measured against;
 
-and the weight build of the whole backbone (``weight * unpack(mask)`` for every masked layer), to
-compare with a batch-1 forward. Writes ``benchmarks/results/mixed-<arch>.{md,json}``.
+the weight build of the whole backbone (``weight * unpack(mask)`` for every masked layer), to
+compare with a batch-1 forward; and the whole network through the engine (weights cached): a batch
+of S tasks x 1 image on the ``segments`` and ``stacked`` mixed paths against a single-task batch of
+S, on ``--device`` (``cuda`` measures the GPU path). Writes
+``benchmarks/results/mixed-<arch>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.serving import interleaved, machine, write_results
-from piggyback_core import load_backbone, native_bf16, pack_mask
+from benchmarks.serving import interleaved, machine, make_task, write_results
+from piggyback_core import Engine, channel_separable, load_backbone, native_bf16, pack_mask
 from piggyback_core.engine import apply_packed_mask
 
 
@@ -114,12 +117,42 @@ def build_time(arch: str, dtype: torch.dtype, repeats: int) -> dict[str, float]:
     return interleaved({"build": build, "forward_b1": forward1}, repeats)
 
 
+def network_time(arch: str, dtype: torch.dtype, segments: int, device: str, repeats: int) -> dict[str, float]:
+    """Seconds per batch through the engine, weights cached: ``S`` tasks x 1 image on each mixed
+    path, and one task x ``S`` images."""
+    backbone = load_backbone(arch, weights="random", seed=0)
+    paths = ["segments"] + (["stacked"] if channel_separable(backbone.model) else [])
+    x = torch.randn(segments, 3, 224, 224)
+    names = [f"t{i}" for i in range(segments)]
+    engines = {}
+    for path in paths:
+        engine = Engine(backbone, device=device, dtype=dtype, channels_last=True, cache_bytes=1 << 40, mixed_path=path)
+        for i, name in enumerate(names):
+            engine.add_task(make_task(backbone, name, seed=i))
+            engine.prefill(name)
+        engines[path] = engine
+
+    def timed(fn: Any) -> Any:
+        def call() -> None:
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return call
+
+    fns = {path: timed(lambda e=e: e.run_mixed(x, names)) for path, e in engines.items()}
+    fns["batch"] = timed(lambda: engines["segments"].run("t0", x))
+    return interleaved(fns, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--threads", type=int, action="append", help="intra-op threads (default: 1 and 2)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the whole-network section runs")
+    parser.add_argument("--network-only", action="store_true", help="only the whole-network section")
     args = parser.parse_args()
     dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
     shapes = conv_shapes(args.arch)
@@ -134,9 +167,14 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     record: dict[str, Any] = {"arch": args.arch, "segments": args.segments, "layers": [], "build": []}
+    record["network"] = []
     for threads in args.threads or [1, 2]:
         torch.set_num_threads(threads)
-        for dtype in dtypes:
+        for dtype in dtypes if args.device == "cpu" else cuda_dtypes():
+            n = network_time(args.arch, dtype, args.segments, args.device, args.repeats)
+            record["network"].append({"threads": threads, "dtype": str(dtype).removeprefix("torch."), **n})
+            print(record["network"][-1], flush=True)
+        for dtype in [] if args.network_only else dtypes:
             totals = {"loop": 0.0, "batch": 0.0, "best": 0.0}
             for conv, shape, count in shapes:
                 t = interleaved(layer_variants(conv, shape, args.segments, dtype), args.repeats)
@@ -171,7 +209,27 @@ def main() -> None:
             f"| {b['threads']} | {b['dtype']} | {b['build'] * 1e3:.2f} | {b['forward_b1'] * 1e3:.2f} "
             f"| {b['build'] / b['forward_b1']:.2f} |"
         )
-    write_results(f"mixed-{args.arch}", lines, record)
+    if args.network_only:
+        lines = [f"# The mixed path, whole network: {args.arch}, channels_last; {machine()}"]
+    lines += ["", f"## The whole network: {args.segments} tasks x 1 image against one task x {args.segments}", ""]
+    lines += [
+        "Weights cached (built once); milliseconds per batch (median) and the ratio to the single-task batch.",
+        "",
+        "| device | threads | dtype | batch ms | segments ms | segments / batch | stacked ms | stacked / batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in record["network"]:
+        stacked = f"{n['stacked'] * 1e3:.2f} | {n['stacked'] / n['batch']:.2f}" if "stacked" in n else "- | -"
+        lines.append(
+            f"| {args.device} | {n['threads']} | {n['dtype']} | {n['batch'] * 1e3:.2f} | {n['segments'] * 1e3:.2f} "
+            f"| {n['segments'] / n['batch']:.2f} | {stacked} |"
+        )
+    suffix = ("" if args.device == "cpu" else f"-{args.device}") + ("-network" if args.network_only else "")
+    write_results(f"mixed-{args.arch}{suffix}", lines, record)
+
+
+def cuda_dtypes() -> list[torch.dtype]:
+    return [torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported() else [])
 
 
 if __name__ == "__main__":

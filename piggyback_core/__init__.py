@@ -7,6 +7,7 @@ the mask store and the engine. See README.md for the design.
 from .backbones import (
     Backbone,
     BackboneSpec,
+    channel_separable,
     fingerprint_state_dict,
     get_backbone_spec,
     list_backbones,
@@ -26,7 +27,7 @@ from .bitpack import (
     unpack_ternary,
 )
 from .data import ImageFolderDataset, ShardedBatchSampler, train_transform
-from .engine import Engine, LoadedTask, Residency, WeightCache, apply_packed_mask
+from .engine import MIXED_PATHS, Engine, LoadedTask, MixedPath, Residency, WeightCache, apply_packed_mask
 from .errors import (
     BackboneError,
     BackboneMismatchError,
@@ -107,6 +108,8 @@ __all__ = [
     "EpochLog",
     "EvalReport",
     "Engine",
+    "MIXED_PATHS",
+    "MixedPath",
     "EngineError",
     "FileSystemStore",
     "ImageFolderDataset",
@@ -154,6 +157,7 @@ __all__ = [
     "open_store",
     "__version__",
     "apply_packed_mask",
+    "channel_separable",
     "auto_dtype",
     "auto_workers",
     "available_memory_bytes",

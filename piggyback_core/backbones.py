@@ -35,11 +35,12 @@ from torch import Tensor, nn
 
 from .errors import UnknownBackboneError, WeightsError
 from .images import Preprocessing
-from .masking import MaskedParam, TaskBatchNorm2d, convert_to_masked
+from .masking import MaskedConv2d, MaskedLinear, MaskedParam, TaskBatchNorm2d, convert_to_masked
 
 __all__ = [
     "Backbone",
     "BackboneSpec",
+    "channel_separable",
     "fingerprint_state_dict",
     "get_backbone_spec",
     "list_backbones",
@@ -116,6 +117,49 @@ for _name, _head, _cl in [
     ("vit_b_16", "heads.head", False),
 ]:
     _register_torchvision(_name, _head, _cl)
+
+
+# Modules that keep channels independent, so that S tasks stacked along channels run as one network
+# (a stacked MaskPlan, piggyback_core.masking): convolutions become grouped, BatchNorm and
+# activations act per channel, pooling per channel, and these containers only add, scale by a
+# per-channel gate (squeeze-excitation) or flatten. Anything else (channel concatenation in
+# DenseNet, LayerNorm in ConvNeXt and ViT, attention) mixes channels across tasks.
+_CHANNEL_SEPARABLE: tuple[type[nn.Module], ...] = (
+    nn.Sequential,
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    MaskedConv2d,
+    MaskedLinear,
+    TaskBatchNorm2d,
+    torchvision.models.ResNet,
+    torchvision.models.resnet.BasicBlock,
+    torchvision.models.resnet.Bottleneck,
+    torchvision.models.VGG,
+    torchvision.models.MobileNetV3,
+    torchvision.models.mobilenetv3.InvertedResidual,
+    torchvision.models.EfficientNet,
+    torchvision.models.efficientnet.MBConv,
+    torchvision.ops.misc.Conv2dNormActivation,
+    torchvision.ops.misc.SqueezeExcitation,
+    torchvision.ops.StochasticDepth,
+)
+
+
+def channel_separable(model: nn.Module) -> bool:
+    """Whether every module of ``model`` keeps channels independent (see ``_CHANNEL_SEPARABLE``):
+    the condition for running several tasks stacked along channels. Exact types only, so a
+    subclass with its own forward is not taken on trust."""
+    return all(type(m) in _CHANNEL_SEPARABLE for m in model.modules())
 
 
 @dataclass

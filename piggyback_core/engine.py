@@ -20,21 +20,29 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backbones import Backbone
+from .backbones import Backbone, channel_separable
 from .bitpack import MaskKind, unpack_binary, unpack_ternary
 from .errors import EngineError, TaskNotFoundError
 from .masking import NormParams, use_plan
 from .taskfile import TaskFile
 
-__all__ = ["Engine", "LoadedTask", "Residency", "WeightCache", "apply_packed_mask"]
+__all__ = ["MIXED_PATHS", "Engine", "LoadedTask", "MixedPath", "Residency", "WeightCache", "apply_packed_mask"]
 
 
 log = logging.getLogger("piggyback.engine")
+
+# How a batch that mixes tasks runs: "segments" (each masked layer once per task segment; on a CPU
+# small outputs as unfold + one matmul per task), "stacked" (the tasks stacked along channels, one
+# grouped convolution per layer whatever the number of tasks: masking's module docstring), or
+# "auto" (stacked on CUDA where the backbone allows it, segments otherwise).
+MixedPath = Literal["auto", "segments", "stacked"]
+MIXED_PATHS: tuple[str, ...] = get_args(MixedPath)
 
 _LUTS: dict[tuple[MaskKind, torch.dtype, torch.device], Tensor] = {}
 _LUTS_LOCK = threading.Lock()
@@ -289,8 +297,12 @@ class WeightCache:
         return len(self._entries)
 
 
+_NORM_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
 class _Plan:
-    """The MaskPlan of one forward pass: contiguous segments, one task each."""
+    """The MaskPlan of one forward pass: contiguous segments, one task each, or (``stack`` > 0)
+    the tasks stacked along channels."""
 
     def __init__(
         self,
@@ -299,9 +311,12 @@ class _Plan:
         cache: WeightCache,
         workspace: _Workspace,
         weights_nbytes: int,
+        *,
+        stack: bool = False,
     ) -> None:
         self.bounds = bounds
         self.tasks = tasks
+        self.stack = len(tasks) if stack else 0
         self.workspace = workspace
         use_cache = cache.max_bytes > 0
         self.cached = [cache.get((t.name, t.version)) if use_cache else None for t in tasks]
@@ -332,6 +347,23 @@ class _Plan:
     def norm(self, segment: int, name: str) -> NormParams | None:
         return self.tasks[segment].norms.get(name)
 
+    def stacked_weight(self, key: str, weight: Tensor) -> Tensor:
+        parts = []
+        for i, task in enumerate(self.tasks):
+            cached, fresh = self.cached[i], self.fresh[i]
+            if cached is not None:
+                parts.append(cached[key])
+                continue
+            w = apply_packed_mask(weight, task.masks[key], task.mask_kind)  # its own tensor: S live at once
+            if fresh is not None:
+                fresh[key] = w
+            parts.append(w)
+        return torch.cat(parts)
+
+    def stacked_norm(self, name: str, own: NormParams) -> NormParams:
+        parts = [t.norms.get(name) or own for t in self.tasks]
+        return NormParams(*(torch.cat([getattr(p, f) for p in parts]) for f in _NORM_FIELDS))
+
 
 class Engine:
     """Runs batches of images for any of its tasks over one frozen backbone.
@@ -353,6 +385,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         cache_bytes: int = 0,
+        mixed_path: MixedPath = "auto",
     ) -> None:
         self.device = torch.device(device)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -371,6 +404,13 @@ class Engine:
         self._weights_nbytes = sum(m.weight.numel() for m in backbone.masked) * itemsize  # one task's built weights
         self._tasks: dict[str, LoadedTask] = {}
         self._lock = threading.Lock()
+        if mixed_path not in MIXED_PATHS:
+            raise ValueError(f"unknown mixed path {mixed_path!r}; expected one of {', '.join(MIXED_PATHS)}")
+        if mixed_path == "stacked" and not channel_separable(self.model):
+            raise ValueError(f"{backbone.arch} mixes channels across tasks: its mixed batches cannot run stacked")
+        if mixed_path == "auto":
+            mixed_path = "stacked" if self.device.type == "cuda" and channel_separable(self.model) else "segments"
+        self.mixed_path: MixedPath = mixed_path
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -526,16 +566,61 @@ class Engine:
         if not images.is_floating_point():
             raise EngineError(f"images must be floating point, got {images.dtype}")
 
+    def _stacks(self, segments: list[tuple[int, int, LoadedTask]]) -> bool:
+        """Whether this batch runs stacked: the engine's mixed path is, the batch mixes tasks, and
+        padding every segment to the longest at most doubles the rows computed."""
+        if self.mixed_path != "stacked" or len(segments) < 2:
+            return False
+        longest = max(b - a for a, b, _ in segments)
+        return len(segments) * longest <= 2 * segments[-1][1]
+
     def _forward(self, images: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> list[Tensor]:
         tasks = [t for _, _, t in segments]
-        plan = _Plan([(a, b) for a, b, _ in segments], tasks, self.cache, self._workspace, self._weights_nbytes)
+        stack = self._stacks(segments)
+        plan = _Plan(
+            [(a, b) for a, b, _ in segments], tasks, self.cache, self._workspace, self._weights_nbytes, stack=stack
+        )
         x = images.to(self.device, self.dtype, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), use_plan(plan):
-            features = self.model(x)
-            logits = [F.linear(features[a:b], t.head_weight, t.head_bias).float() for a, b, t in segments]
+        with torch.inference_mode():
+            if stack:
+                x, rows = _stack_segments(x, segments)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with use_plan(plan):
+                features = self.model(x)
+            if stack:
+                logits = _stacked_heads(features, segments, rows)
+            else:
+                logits = [F.linear(features[a:b], t.head_weight, t.head_bias).float() for a, b, t in segments]
         for t, fresh in zip(tasks, plan.fresh, strict=True):
             if fresh is not None and len(fresh) == len(t.masks):
                 self.cache.put((t.name, t.version), fresh)
         return logits
+
+
+def _stack_segments(x: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> tuple[Tensor, int]:
+    """``[B, C, H, W]`` in contiguous segments -> ``[m, S*C, H, W]``: task ``s``'s rows in channels
+    ``[s*C, (s+1)*C)``, every segment padded to the longest (``m`` rows) by repeating its last row
+    (computed and dropped). One gather and one copy, whatever S."""
+    m = max(b - a for a, b, _ in segments)
+    index = [a + min(j, b - a - 1) for a, b, _ in segments for j in range(m)]
+    gathered = x[torch.tensor(index, device=x.device)]  # [S*m, C, H, W], segment-major
+    s, (c, h, w) = len(segments), x.shape[1:]
+    return gathered.view(s, m, c, h, w).transpose(0, 1).reshape(m, s * c, h, w), m
+
+
+def _stacked_heads(features: Tensor, segments: list[tuple[int, int, LoadedTask]], rows: int) -> list[Tensor]:
+    """Each task's logits from stacked features ``[m, S*F]``: one matmul of every row against every
+    head side by side (cross-task products are computed and dropped: heads are small), then views;
+    a fixed number of operations whatever S."""
+    s = len(segments)
+    feats = features.view(rows, s, -1).transpose(0, 1).reshape(s * rows, -1)
+    weight = torch.cat([t.head_weight for _, _, t in segments])
+    bias = torch.cat([t.head_bias for _, _, t in segments])
+    logits = torch.addmm(bias, feats, weight.t()).float()  # [S*m, sum of labels]
+    out, col = [], 0
+    for i, (a, b, t) in enumerate(segments):
+        labels = t.head_weight.shape[0]
+        out.append(logits[i * rows : i * rows + (b - a), col : col + labels])
+        col += labels
+    return out

@@ -18,6 +18,15 @@ At serving time the same modules run many tasks over one set of weights: the eng
 never see each other's plan). A plan splits the batch into contiguous per-task segments and hands
 every masked layer the task's effective weight for its segment. The modules' own parameters are
 never modified, which is what makes one resident backbone safe to share.
+
+A plan may instead be *stacked* (``plan.stack = S > 1``): the batch then arrives as ``[m, S*C, H,
+W]``, task ``s``'s images in channels ``[s*C, (s+1)*C)`` (segments padded to ``m`` rows). Every
+convolution runs once with ``groups * S`` over the S tasks' weights stacked along output channels,
+every Linear as one batched matmul, every BatchNorm once over the S tasks' parameters side by side,
+and activations, pooling and residual additions are unchanged. The number of operations then does
+not grow with the number of tasks in the batch (what a GPU, bound by kernel launches at small
+segments, needs). It applies only to backbones whose every module keeps channels independent
+(:data:`piggyback_core.backbones` says which).
 """
 
 from __future__ import annotations
@@ -160,14 +169,26 @@ class MaskPlan(Protocol):
     ``bounds`` are the contiguous ``[start, stop)`` batch rows of each segment (one task each);
     ``weight`` returns a segment's effective weight for a masked parameter; ``norm`` returns a
     segment's own BatchNorm parameters for a BatchNorm module, or None to use the backbone's.
+
+    ``stack`` is 0 for a segmented pass, or the number of tasks S of a stacked one (module
+    docstring); then ``stacked_weight`` returns the S effective weights concatenated along dim 0
+    and ``stacked_norm`` the S tasks' BatchNorm parameters concatenated (``own`` where a task has
+    none of its own).
     """
 
     @property
     def bounds(self) -> Sequence[tuple[int, int]]: ...
 
+    @property
+    def stack(self) -> int: ...
+
     def weight(self, segment: int, key: str, weight: Tensor) -> Tensor: ...
 
     def norm(self, segment: int, name: str) -> NormParams | None: ...
+
+    def stacked_weight(self, key: str, weight: Tensor) -> Tensor: ...
+
+    def stacked_norm(self, name: str, own: NormParams) -> NormParams: ...
 
 
 _ACTIVE_PLAN: contextvars.ContextVar[MaskPlan | None] = contextvars.ContextVar("piggyback_mask_plan", default=None)
@@ -280,6 +301,10 @@ class MaskedConv2d(nn.Conv2d, MaskedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         plan = _ACTIVE_PLAN.get()
+        if plan is not None and plan.stack:
+            w = plan.stacked_weight(self.mask_key, self.weight)
+            bias = None if self.bias is None else self.bias.repeat(plan.stack)
+            return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups * plan.stack)
         if plan is not None:
             if len(plan.bounds) > 1 and self._unfold_pays(x):
                 return self._unfolded(x, plan)
@@ -310,8 +335,19 @@ class MaskedLinear(nn.Linear, MaskedLayer):
     def masked_params(self) -> list[MaskedParam]:
         return [MaskedParam(self.mask_key, self.weight, self.scores)]
 
+    def _stacked(self, x: Tensor, plan: MaskPlan) -> Tensor:
+        s = plan.stack
+        w = plan.stacked_weight(self.mask_key, self.weight).view(s, self.out_features, self.in_features)
+        xs = x.reshape(-1, s, self.in_features).transpose(0, 1)  # [S, rows, in]
+        y = torch.bmm(xs, w.transpose(1, 2))  # [S, rows, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.transpose(0, 1).reshape(*x.shape[:-1], s * self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
         plan = _ACTIVE_PLAN.get()
+        if plan is not None and plan.stack:
+            return self._stacked(x, plan)
         if plan is not None:
             return _segmented(
                 plan, x, lambda xs, i: F.linear(xs, plan.weight(i, self.mask_key, self.weight), self.bias)
@@ -367,6 +403,8 @@ class MaskedMultiheadAttention(nn.MultiheadAttention, MaskedLayer):
         if key_padding_mask is not None or attn_mask is not None or need_weights or is_causal:
             raise NotImplementedError("MaskedMultiheadAttention supports need_weights=False without attention masks")
         plan = _ACTIVE_PLAN.get()
+        if plan is not None and plan.stack:
+            raise NotImplementedError("attention mixes channels: a stacked plan cannot run it")
         if plan is not None:
 
             def segment(q: Tensor, i: int) -> Tensor:
@@ -403,6 +441,11 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
         plan = _ACTIVE_PLAN.get()
         if plan is None or self.training:
             return super().forward(x)
+        if plan.stack:
+            assert self.running_mean is not None and self.running_var is not None
+            own = NormParams(self.weight, self.bias, self.running_mean, self.running_var)
+            p = plan.stacked_norm(self.mask_key, own)
+            return F.batch_norm(x, p.running_mean, p.running_var, p.weight, p.bias, False, 0.0, self.eps)
         return _segmented(plan, x, lambda xs, i: self._segment(xs, plan, i))
 
 

@@ -166,6 +166,7 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
         device=device,
         dtype=parse_dtype(settings.dtype, device),
         channels_last=parse_layout(settings.layout, settings.backbone),
+        mixed_path=settings.mixed_path,
     )
     registry = TaskRegistry(engine, open_store(settings.store))
     # Reading and validating the files runs in parallel (single-threaded torch in each, so no
@@ -650,6 +651,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             device=str(services.engine.device),
             dtype=dtype_name(services.engine.dtype),
             layout=services.engine.layout,
+            mixed_path=services.engine.mixed_path,
             tasks=len(services.engine.tasks),
             workers=services.batcher.policy.workers,
             worker_threads=services.worker_threads,

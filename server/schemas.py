@@ -81,6 +81,7 @@ class ReadyResponse(BaseModel):
     device: str
     dtype: str = Field(description="compute dtype: float32, bfloat16 or float16")
     layout: str = Field(description="activation layout: channels_last or contiguous")
+    mixed_path: str = Field(description="how batches that mix tasks run: segments or stacked")
     tasks: int
     workers: int = Field(description="batches computed at once")
     worker_threads: int = Field(description="intra-op threads of each worker")

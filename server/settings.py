@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     layout: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto", description="activation memory layout; auto: channels_last for the backbones where it is faster"
     )
+    mixed_path: Literal["auto", "segments", "stacked"] = Field(
+        "auto",
+        description="how a batch that mixes tasks runs: segments (each layer once per task), stacked (the tasks "
+        "stacked along channels, one grouped convolution per layer whatever their number; ResNet, VGG, "
+        "MobileNetV3 and EfficientNet only); auto: stacked on CUDA where the backbone allows it, else segments",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: SecretStr | None = Field(None, description="bearer token for PUT/DELETE /tasks")

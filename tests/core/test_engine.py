@@ -94,19 +94,18 @@ def test_engine_equals_reference_for_ternary_masks_and_per_task_batchnorm(resnet
     _assert_logits_close(engine.run("t", x), expected)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_mixed_task_batch_equals_the_same_requests_run_task_by_task(resnet18: Backbone, channels_last: bool) -> None:
-    # 64x64 inputs: the last stage's outputs are 2x2, so its convs take the unfold + matmul path
-    engine = Engine(resnet18, channels_last=channels_last)
+def _assert_mixed_equals_task_by_task(engine: Engine, order: list[str]) -> None:
+    """Tasks a (binary), b (ternary) and c (own BatchNorm) in one batch in ``order``, against each
+    task's rows run alone."""
+    backbone = engine.backbone
     tasks = [
-        make_task(resnet18, "a", num_labels=3, seed=1),
-        make_task(resnet18, "b", num_labels=4, kind="ternary", seed=2),
-        make_task(resnet18, "c", num_labels=5, norms=True, seed=3),
+        make_task(backbone, "a", num_labels=3, seed=1),
+        make_task(backbone, "b", num_labels=4, kind="ternary", seed=2),
+        make_task(backbone, "c", num_labels=5, norms=True, seed=3),
     ]
     for t in tasks:
         engine.add_task(t)
-    order = ["b", "a", "c", "a", "b", "c", "c", "a"]
-    x = _input("resnet18", batch=len(order), seed=9)
+    x = _input(backbone.arch, batch=len(order), seed=9)
     mixed = engine.run_mixed(x, order)
     assert [row.shape[0] for row in mixed] == [{"a": 3, "b": 4, "c": 5}[n] for n in order]
     for name in "abc":
@@ -114,6 +113,14 @@ def test_mixed_task_batch_equals_the_same_requests_run_task_by_task(resnet18: Ba
         alone = engine.run(name, x[rows])
         for j, i in enumerate(rows):
             _assert_logits_close(mixed[i], alone[j])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mixed_task_batch_equals_the_same_requests_run_task_by_task(resnet18: Backbone, channels_last: bool) -> None:
+    # 64x64 inputs: the last stage's outputs are 2x2, so its convs take the unfold + matmul path
+    _assert_mixed_equals_task_by_task(
+        Engine(resnet18, channels_last=channels_last), ["b", "a", "c", "a", "b", "c", "c", "a"]
+    )
 
 
 def test_weight_cache_gives_identical_results_and_stays_within_its_byte_bound(resnet18: Backbone) -> None:
@@ -310,3 +317,60 @@ def test_prefill_builds_weights_into_free_room_only(resnet18: Backbone) -> None:
     x = _input("resnet18", batch=1)
     assert torch.equal(engine.run("a", x), Engine(resnet18).run(engine.get_task("a"), x))
     assert engine.residency("a").hits == 1
+
+
+_STACKABLE = ["resnet18", "vgg16_bn", "mobilenet_v3_large", "efficientnet_b0"]
+
+
+@pytest.mark.parametrize("arch", _STACKABLE)
+def test_a_stacked_mixed_batch_equals_the_same_requests_run_task_by_task(arch: str) -> None:
+    engine = Engine(load_backbone(arch, weights="random", seed=0), mixed_path="stacked", channels_last=True)
+    order = ["b", "a", "c", "a", "b", "c", "b", "a"]  # segments of 3, 3 and 2 rows: 9 computed for 8
+    t = make_task(engine.backbone, "a")
+    assert engine._stacks([(0, 3, t), (3, 6, t), (6, 8, t)])
+    _assert_mixed_equals_task_by_task(engine, order)
+
+
+def test_stacking_is_refused_for_backbones_that_mix_channels_and_skipped_when_padding_would_double_the_work(
+    resnet18: Backbone,
+) -> None:
+    for arch in ("densenet121", "convnext_tiny", "vit_b_16"):
+        with pytest.raises(ValueError, match="mixes channels"):
+            Engine(load_backbone(arch, weights="random", seed=0), mixed_path="stacked")
+    assert Engine(resnet18).mixed_path == "segments"  # auto on a CPU
+    engine = Engine(resnet18, mixed_path="stacked")
+    t = make_task(resnet18, "a")
+    assert engine._stacks([(0, 1, t), (1, 2, t)])
+    assert engine._stacks([(0, 3, t), (3, 4, t)])  # 6 rows for 4
+    assert not engine._stacks([(0, 5, t), (5, 6, t), (6, 7, t)])  # 15 rows for 7
+    assert not engine._stacks([(0, 8, t)])
+
+
+def _count_ops(engine: Engine, x: torch.Tensor, order: list[str]) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Count.n += not func.is_view  # views (slices of the results) launch no kernel
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        engine.run_mixed(x, order)
+    return Count.n
+
+
+def test_a_stacked_mixed_batch_runs_as_many_operations_for_eight_tasks_as_for_two(resnet18: Backbone) -> None:
+    # What a GPU needs (kernel launches, not FLOPs, bound small segments): with the weights
+    # resident, the number of tensor operations does not grow with the number of tasks.
+    counts: dict[str, list[int]] = {}
+    for path in ("stacked", "segments"):
+        engine = Engine(resnet18, mixed_path=path, cache_bytes=1 << 34)
+        for i in range(8):
+            engine.add_task(make_task(resnet18, f"t{i}", num_labels=3 + i, seed=i))
+            engine.prefill(f"t{i}")
+        x = _input("resnet18", batch=8, seed=1)
+        counts[path] = [_count_ops(engine, x[:s], [f"t{i}" for i in range(s)]) for s in (2, 8)]
+    assert counts["stacked"][0] == counts["stacked"][1]
+    assert counts["segments"][1] > 2 * counts["segments"][0]  # the check would catch a per-task loop

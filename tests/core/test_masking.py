@@ -135,6 +135,7 @@ def test_a_mixed_batch_through_unfold_and_matmul_equals_a_convolution_per_task(s
 
     class Plan:
         bounds = [(0, 2), (2, 3), (3, 5)]
+        stack = 0
 
         def weight(self, segment: int, key: str, weight: torch.Tensor) -> torch.Tensor:
             return weight * masks[segment]

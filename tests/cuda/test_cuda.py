@@ -70,3 +70,21 @@ def test_the_server_serves_on_cuda_end_to_end(tmp_path: Path) -> None:
         assert r.status_code == 200 and len(r.json()["predictions"]) == 5
         put = client.put("/tasks/b", content=small_task(backbone, "b", seed=2).to_bytes(), headers=AUTH)
         assert put.status_code == 201
+
+
+def test_cuda_mixed_batches_run_stacked_and_equal_task_by_task_in_a_fixed_number_of_operations() -> None:
+    from tests.core.test_engine import _count_ops
+
+    backbone = load_backbone("resnet50", weights="random", seed=0)
+    engine = Engine(backbone, device="cuda", dtype=torch.float16, channels_last=True, cache_bytes=1 << 32)
+    assert engine.mixed_path == "stacked"  # auto on CUDA for a ResNet
+    names = [f"t{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        engine.add_task(make_task(backbone, name, num_labels=3 + i, norms=i % 2 == 1, seed=i))
+        engine.prefill(name)
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mixed = engine.run_mixed(x, names)
+    for row, name in enumerate(names):
+        alone = engine.run(name, x[row : row + 1])[0]
+        torch.testing.assert_close(mixed[row].cpu(), alone.cpu(), rtol=0, atol=2e-2)
+    assert _count_ops(engine, x[:2], names[:2]) == _count_ops(engine, x, names)

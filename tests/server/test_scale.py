@@ -59,6 +59,7 @@ def test_a_pinned_task_is_built_at_start_and_never_evicted_and_residency_is_repo
         assert t0["pinned"] and t0["built_bytes"] == one_task and t0["packed_bytes"] > 0
         ready = client.get("/readyz").json()
         assert ready["cache_budget_bytes"] == 2 * one_task + 1 and ready["workers"] == 1
+        assert ready["mixed_path"] == "segments"  # auto on a CPU
         for _ in range(2):
             for i in range(1, 5):
                 _classify(client, f"t{i}")

@@ -61,6 +61,7 @@ from .hardware import (
     native_bf16,
     parse_dtype,
     parse_layout,
+    physical_cores,
 )
 from .images import DEFAULT_MAX_PIXELS, Preprocessing, decode_image, open_image
 from .masking import (
@@ -186,6 +187,7 @@ __all__ = [
     "packed_nbytes",
     "parse_dtype",
     "parse_layout",
+    "physical_cores",
     "predictions_from_logits",
     "register_backbone",
     "ternarize",

@@ -135,5 +135,8 @@ def count_nonzero_packed(packed: torch.Tensor, kind: MaskKind) -> int:
     if kind == "ternary":
         packed = (packed & 0x55) | ((packed >> 1) & 0x55)
     if packed.device.type == "cpu":  # numpy's popcount: ~10x the table lookup (task loading time)
-        return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
+        raw = packed.numpy()
+        bulk = len(raw) // 8 * 8  # eight bytes a word: 3.6x fewer elements to count and sum
+        words = int(np.bitwise_count(raw[:bulk].view(np.uint64)).sum(dtype=np.int64)) if bulk else 0
+        return words + int(np.bitwise_count(raw[bulk:]).sum(dtype=np.int64))
     return int(_on(_POPCOUNT, packed)[packed.long()].sum())

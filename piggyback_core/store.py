@@ -52,7 +52,7 @@ class StoredTask:
 class TaskBlob:
     name: str
     version: str
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,12 @@ class FileSystemStore(MaskStore):
         path = self._path(name)
         try:
             with open(path, "rb") as f:
-                version = _version(os.fstat(f.fileno()))
-                data = f.read()
+                st = os.fstat(f.fileno())
+                version = _version(st)
+                # a bytearray: TaskFile.from_bytes takes its tensors as views of it, with no copy
+                data = bytearray(st.st_size)
+                if f.readinto(data) != st.st_size or f.read(1):
+                    raise StoreError(f"task {name!r} changed size while being read")
         except FileNotFoundError:
             raise TaskNotFoundError(task=name) from None
         except OSError as exc:

@@ -54,6 +54,7 @@ from piggyback_core import (
     open_store,
     parse_dtype,
     parse_layout,
+    physical_cores,
     predictions_from_logits,
     validate_task_name,
 )
@@ -172,7 +173,10 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
     # Reading and validating the files runs in parallel (single-threaded torch in each, so no
     # second OpenMP pool); the engine takes the tasks one by one.
     with ThreadPoolExecutor(
-        settings.load_threads, thread_name_prefix="piggyback-load", initializer=torch.set_num_threads, initargs=(1,)
+        settings.load_threads or min(physical_cores(), 4),
+        thread_name_prefix="piggyback-load",
+        initializer=torch.set_num_threads,
+        initargs=(1,),
     ) as pool:
         report = registry.sync(pool)
     for name, reason in report.failed.items():

@@ -281,3 +281,64 @@ def test_invalid_task_names_are_refused(name: object) -> None:
 @pytest.mark.parametrize("name", ["a", "0", "flowers_102", "cub-200", "a" * 64])
 def test_valid_task_names_pass(name: str) -> None:
     assert validate_task_name(name) == name
+
+
+def _edit_header(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """The same data section (checksum still valid) under an edited safetensors header."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+
+
+def _first_two_by_offset(header: dict[str, Any]) -> tuple[str, str]:
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return names[0], names[1]
+
+
+def _overlap(h: dict[str, Any]) -> None:
+    a, b = _first_two_by_offset(h)
+    h[b]["data_offsets"] = [
+        h[a]["data_offsets"][0],
+        h[a]["data_offsets"][0] + h[b]["data_offsets"][1] - h[b]["data_offsets"][0],
+    ]
+
+
+HEADER_EDITS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
+    ("unknown dtype", lambda h: h["head/bias"].update(dtype="F8_E4M3X")),
+    ("size and shape disagree", lambda h: h["head/bias"].update(shape=[h["head/bias"]["shape"][0] + 1])),
+    ("range past the data", lambda h: h["head/bias"].update(data_offsets=[10**9, 10**9 + 16])),
+    ("negative offset", lambda h: h["head/bias"].update(data_offsets=[-16, 0])),
+    ("float shape", lambda h: h["head/bias"].update(shape=[4.0])),
+    ("missing offsets", lambda h: h["head/bias"].pop("data_offsets")),
+    ("a gap", lambda h: h.pop(_first_two_by_offset(h)[0])),
+    ("overlapping ranges", _overlap),
+]
+
+
+@pytest.mark.parametrize("what,edit", HEADER_EDITS, ids=[w for w, _ in HEADER_EDITS])
+def test_a_header_that_misplaces_tensors_is_refused_as_safetensors_itself_refuses_it(
+    good: bytes, what: str, edit: Callable[[dict[str, Any]], None]
+) -> None:
+    # The tensors are views into the file's bytes (no copy), so our reader checks what
+    # safetensors' reader checks; each case is also refused by safetensors itself.
+    bad = _edit_header(good, edit)
+    with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own or a Python error
+        st_load(bad)
+    with pytest.raises(TaskFileFormatError, match="not a valid safetensors file"):
+        TaskFile.from_bytes(bad)
+
+
+def test_the_tensors_read_as_views_equal_what_safetensors_reads(good: bytes) -> None:
+    task = TaskFile.from_bytes(bytearray(good))
+    reference = st_load(good)
+    assert set(reference) == {f"mask/{k}" for k in task.masks} | {"head/weight", "head/bias"}
+    for key, packed in task.masks.items():
+        assert torch.equal(packed, reference[f"mask/{key}"])
+    assert torch.equal(task.head_weight, reference["head/weight"]) and torch.equal(
+        task.head_bias, reference["head/bias"]
+    )
+    from_bytes = TaskFile.from_bytes(good)  # copied once into a bytearray
+    assert from_bytes.version == task.version and torch.equal(from_bytes.head_weight, task.head_weight)

@@ -46,10 +46,12 @@ bench-compute: $(STAMP)  # dtype/layout per backbone, JPEG decoding, the server 
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.compute
 
-bench-scale: $(STAMP)  # 1 to 1,000 tasks, uniform and Zipf traffic, against one-model-per-task baselines (~45 min)
+bench-scale: $(STAMP)  # 1 to 1,000 tasks, uniform and Zipf traffic, against one-model-per-task baselines; start time (~55 min)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.mixed --arch resnet18
 	$(BIN)/python -m benchmarks.scale --duration 8 --memory-tasks resnet18:10000
+	$(BIN)/python -m benchmarks.mixed --arch resnet18 --network-only
+	$(BIN)/python -m benchmarks.start
 
 bench-accuracy: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import torch
@@ -135,6 +135,21 @@ class Services:
     batcher: Batcher
     decoder: ThreadPoolExecutor
     worker_threads: int
+    # ready_after=backbone: the background loaders, and the threads that load a pending task at
+    # once for a request that needs it (not queued behind the others)
+    loaders: list[ThreadPoolExecutor] = field(default_factory=list)
+
+    async def task(self, name: str) -> LoadedTask:
+        """``name`` as the engine serves it; a task still loading in the background is loaded now."""
+        validate_task_name(name)
+        if self.registry.is_pending(name):
+            await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.ensure, name)
+        return self.engine.get_task(name)
+
+    def shutdown(self) -> None:
+        for pool in self.loaders:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.decoder.shutdown(wait=False)
 
 
 def _device(settings: Settings) -> str:
@@ -161,6 +176,7 @@ def _cache_budget(settings: Settings, engine: Engine, max_batch_size: int) -> tu
 def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecutor, workers: int) -> Services:
     """Runs on ``device_thread``, like every other tensor operation of the server."""
     device = _device(settings)
+    started = time.perf_counter()
     backbone = load_backbone(settings.backbone, weights=settings.weights, seed=settings.seed)
     engine = Engine(
         backbone,
@@ -170,18 +186,32 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
         mixed_path=settings.mixed_path,
     )
     registry = TaskRegistry(engine, open_store(settings.store))
+
     # Reading and validating the files runs in parallel (single-threaded torch in each, so no
-    # second OpenMP pool); the engine takes the tasks one by one.
-    with ThreadPoolExecutor(
-        settings.load_threads or min(physical_cores(), 4),
-        thread_name_prefix="piggyback-load",
-        initializer=torch.set_num_threads,
-        initargs=(1,),
-    ) as pool:
-        report = registry.sync(pool)
-    for name, reason in report.failed.items():
-        log.error("skipped task %r: %s", name, reason)
-    log.info("loaded %d task(s) from %s", len(report.loaded), settings.store)
+    # second OpenMP pool; the checksum and the read release the GIL); the engine takes the tasks
+    # one by one.
+    def load_pool(threads: int, name: str) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
+
+    load_threads = settings.load_threads or min(physical_cores(), 4)
+    loading = time.perf_counter()
+    loaders = []
+    first: str | None = None
+    if settings.ready_after == "tasks":
+        with load_pool(load_threads, "piggyback-load") as pool:
+            report = registry.sync(pool)
+        for name, reason in report.failed.items():
+            log.error("skipped task %r: %s", name, reason)
+        log.info("loaded %d task(s) from %s in %.1f s (backbone: %.1f s)", len(report.loaded), settings.store,
+                 time.perf_counter() - loading, loading - started)  # fmt: skip
+    else:
+        loaders = [load_pool(load_threads, "piggyback-load"), load_pool(2, "piggyback-load-now")]
+        count = registry.start_background(loaders[0])
+        log.info("loading %d task(s) from %s in the background (backbone: %.1f s)", count, settings.store,
+                 loading - started)  # fmt: skip
+        for name in [*settings.pinned, *sorted(registry.store.snapshot())[:1]]:
+            registry.ensure(name)  # pinned tasks, and one task for the warm-up, before ready
+            first = first or (name if name in engine.tasks else None)
     max_batch_size = settings.max_batch_size or (32 if device == "cuda" else 8)
     budget, how = _cache_budget(settings, engine, max_batch_size)
     engine.cache.resize(budget)
@@ -201,7 +231,7 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
     with torch.inference_mode():
         engine.model(torch.zeros(1, 3, size, size, device=engine.device, dtype=engine.dtype))
     if engine.tasks and not settings.pinned:
-        engine.run(next(iter(engine.tasks.values())), torch.zeros(1, 3, size, size))
+        engine.run(first or next(iter(engine.tasks.values())), torch.zeros(1, 3, size, size))
 
     def on_batch(stats: BatchStats) -> None:
         metrics.batch_size.observe(stats.size)
@@ -227,7 +257,9 @@ def _build(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecut
         decoder = device_thread
     else:
         decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="piggyback-decode")
-    return Services(settings, device_thread, backbone, engine, registry, batcher, decoder, torch.get_num_threads())
+    return Services(
+        settings, device_thread, backbone, engine, registry, batcher, decoder, torch.get_num_threads(), loaders
+    )
 
 
 def services_of(request: Request) -> Services:
@@ -341,6 +373,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if services is None or not settings.prefill:
                 return
             engine, built = services.engine, 0
+            while services.registry.loading:  # ready_after=backbone: the tasks are still loading
+                await asyncio.sleep(0.2)
             for name in sorted(engine.tasks, key=lambda n: hashlib.sha256(n.encode()).digest()):
                 if engine.cache.free_bytes < engine.weights_nbytes:
                     break
@@ -360,7 +394,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services = app.state.services
             if services is not None:
                 await services.batcher.stop(drain_timeout_s=settings.request_timeout_s)
-                services.decoder.shutdown(wait=False)
+                services.shutdown()
             store_thread.shutdown(wait=True)
             device_thread.shutdown(wait=True)
 
@@ -518,8 +552,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         status, label, batch_size = 500, "_unknown", 0
         try:
-            validate_task_name(task)
-            loaded = services.engine.get_task(task)
+            loaded = await services.task(task)
             label = metrics.task_label(task)
             data = await image_bytes(request)
             loop = asyncio.get_running_loop()
@@ -588,8 +621,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/tasks/{task}", response_model=TaskPublic, responses=_errors(404, 422, 503), summary="One task")
     async def get_task(task: TaskName, services: ServicesDep) -> TaskPublic:
-        validate_task_name(task)
-        return _public(services, services.engine.get_task(task))
+        return _public(services, await services.task(task))
 
     @app.put(
         "/tasks/{task}",
@@ -657,6 +689,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             layout=services.engine.layout,
             mixed_path=services.engine.mixed_path,
             tasks=len(services.engine.tasks),
+            tasks_loading=services.registry.loading,
             workers=services.batcher.policy.workers,
             worker_threads=services.worker_threads,
             cache_budget_bytes=services.engine.cache.max_bytes,

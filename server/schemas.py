@@ -83,6 +83,7 @@ class ReadyResponse(BaseModel):
     layout: str = Field(description="activation layout: channels_last or contiguous")
     mixed_path: str = Field(description="how batches that mix tasks run: segments or stacked")
     tasks: int
+    tasks_loading: int = Field(description="tasks still loading in the background (ready_after=backbone)")
     workers: int = Field(description="batches computed at once")
     worker_threads: int = Field(description="intra-op threads of each worker")
     cache_budget_bytes: int = Field(description="byte budget of the built-weights cache")

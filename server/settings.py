@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         description="threads that read and validate task files at start; default: min(cores, 4) (1,000 resnet50 "
         "tasks on 2 cores: 4.0-4.5 s with 2 threads, 7.8-8.3 s with 1, 5.4 s with 4)",
     )
+    ready_after: Literal["tasks", "backbone"] = Field(
+        "tasks",
+        description="when /readyz turns ready: tasks (every task of the store loaded and validated) or backbone "
+        "(the backbone loaded and warmed up; tasks load in the background, and a request for one still loading "
+        "loads it at once)",
+    )
     metrics_top_tasks: int = Field(
         50,
         ge=0,

@@ -131,3 +131,39 @@ def test_several_workers_answer_a_burst_of_mixed_tasks_correctly(
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             assert all(pool.map(one, range(40)))
+
+
+def test_ready_after_backbone_serves_at_once_and_loads_a_pending_task_on_its_first_request(
+    app_client: AppFactory, store_of_five: Path, resnet18: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.server.conftest import AUTH
+
+    FileSystemStore(store_of_five).put("t5", b"not a task file")
+    slow_get = FileSystemStore.get
+
+    def get(self, name):  # noqa: ANN001, ANN202 - a slow store: 0.5 s a file
+        time.sleep(0.5)
+        return slow_get(self, name)
+
+    monkeypatch.setattr(FileSystemStore, "get", get)
+    with app_client(store=store_of_five, ready_after="backbone", load_threads=1, prefill=False) as client:
+        ready = client.get("/readyz").json()
+        assert ready["tasks_loading"] >= 3 and ready["tasks"] <= 2  # ready before the store was read through
+        # the last task in line answers now: it is loaded for its request, ahead of the others
+        _classify(client, "t4")
+        assert client.get("/readyz").json()["tasks_loading"] >= 2
+        # a registration of a pending task wins over its background load, and so does a deletion
+        new_t3 = small_task(resnet18, "t3", num_labels=6, seed=30)
+        assert client.put("/tasks/t3", content=new_t3.to_bytes(), headers=AUTH).status_code == 200
+        assert client.delete("/tasks/t2", headers=AUTH).status_code == 204
+        for _ in range(100):
+            if client.get("/readyz").json()["tasks_loading"] == 0:
+                break
+            time.sleep(0.1)
+        body = client.get("/tasks").json()
+        assert [t["task"] for t in body["tasks"]] == ["t0", "t1", "t3", "t4"]
+        assert "t5" in body["failed"]
+        assert len(client.get("/tasks/t3").json()["labels"]) == 6
+        assert client.get("/tasks/t2").status_code == 404
+        time.sleep(0.5)  # a store poll later, it all still holds
+        assert len(client.get("/tasks/t3").json()["labels"]) == 6 and client.get("/tasks/t2").status_code == 404

@@ -152,25 +152,37 @@ class Batcher:
         self._expected -= 1
         self._wakeup.set()
 
-    async def submit(self, task: LoadedTask, image: Tensor) -> tuple[Tensor, int]:
+    async def submit(self, task: LoadedTask, image: Tensor, *, timeout_s: float | None = None) -> tuple[Tensor, int]:
         """Logits for one image of ``task`` and the size of the batch that computed them."""
+        return (await self.submit_many([(task, image)], timeout_s=timeout_s))[0]
+
+    async def submit_many(
+        self, items: list[tuple[LoadedTask, Tensor]], *, timeout_s: float | None = None
+    ) -> list[tuple[Tensor, int]]:
+        """Each image's logits and batch size, for images of one task or several, queued together
+        (all or none: the queue bound counts every image) so that they can share a batch.
+        ``timeout_s`` shortens the policy's deadline for these (a client's own deadline)."""
         if not self._accepting:
             raise NotReadyError("the server is not accepting requests")
-        if self._pending >= self.policy.queue_size:
+        if self._pending + len(items) > self.policy.queue_size:
             raise QueueFullError(limit=self.policy.queue_size)
+        timeout = self.policy.timeout_s if timeout_s is None else min(timeout_s, self.policy.timeout_s)
         now = time.monotonic()
-        future: asyncio.Future[tuple[Tensor, int]] = asyncio.get_running_loop().create_future()
-        req = _Request(task, image, now, now + self.policy.timeout_s, future)
-        self._queues.setdefault(task.name, deque()).append(req)
-        self._pending += 1
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[tuple[Tensor, int]]] = []
+        for task, image in items:
+            futures.append(loop.create_future())
+            self._queues.setdefault(task.name, deque()).append(_Request(task, image, now, now + timeout, futures[-1]))
+        self._pending += len(items)
         self._on_depth(self._pending)
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.policy.timeout_s)
+            return await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in futures)), timeout)
         except TimeoutError:
-            if not future.done():
-                future.cancel()  # the scheduler skips it
-            raise DeadlineExceededError(timeout_s=self.policy.timeout_s) from None
+            for future in futures:
+                if not future.done():
+                    future.cancel()  # the scheduler skips it
+            raise DeadlineExceededError(timeout_s=timeout) from None
 
     def _oldest(self) -> float | None:
         heads = [q[0].enqueued for q in self._queues.values() if q]

@@ -9,6 +9,7 @@ PiggybackError
     ├── PayloadTooLargeError        a body over the upload limit                  -> 413
     ├── UnsupportedMediaTypeError   not an image/* body nor multipart with 'image' -> 415
     ├── BadRequestError             a malformed request (e.g. broken multipart)   -> 422
+    ├── VersionNotFoundError        a v2 model version that is not the one served -> 404
     ├── AuthenticationError         no or wrong bearer token                      -> 401
     ├── ManagementDisabledError     no token configured, management refused       -> 403
     ├── RequestTimeoutError         the body did not arrive within body_timeout_s -> 408, connection closed
@@ -28,6 +29,7 @@ __all__ = [
     "ManagementDisabledError",
     "NotReadyError",
     "PayloadTooLargeError",
+    "VersionNotFoundError",
     "QueueFullError",
     "RequestTimeoutError",
     "ServerError",
@@ -99,3 +101,9 @@ class ClientDisconnectedError(ServerError):
 
     def __init__(self) -> None:
         super().__init__("the client closed the connection before sending the whole request")
+
+
+class VersionNotFoundError(ServerError):
+    def __init__(self, *, task: str, version: str, served: str) -> None:
+        self.task, self.version, self.served = task, version, served
+        super().__init__(f"task {task!r} has no version {version!r}; it serves version {served!r}")

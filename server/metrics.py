@@ -124,3 +124,8 @@ class Metrics:
         if not self._engine_watched:
             self.registry.register(_CacheCollector(engine))
             self._engine_watched = True
+
+    def refresh_tasks(self, engine: Engine) -> None:
+        """The task gauges, after the set of tasks changed."""
+        self.tasks_loaded.set(len(engine.tasks))
+        self.mask_bytes.set(engine.resident_mask_bytes)

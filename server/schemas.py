@@ -10,10 +10,13 @@ __all__ = [
     "ClassifyResponse",
     "ErrorResponse",
     "HealthResponse",
+    "ImageResultPublic",
+    "MultiTaskResponse",
     "PredictionPublic",
     "ReadyResponse",
     "TaskListResponse",
     "TaskPublic",
+    "TaskResultPublic",
     "TaskSummaryPublic",
 ]
 
@@ -24,11 +27,26 @@ class PredictionPublic(BaseModel):
     score: float = Field(description="softmax probability")
 
 
+class ImageResultPublic(BaseModel):
+    predictions: list[PredictionPublic]
+    batch_size: int = Field(description="images in the batch that computed this answer")
+
+
 class ClassifyResponse(BaseModel):
     task: str
     version: str = Field(description="version of the task that answered (changes with every upload)")
-    predictions: list[PredictionPublic]
-    batch_size: int = Field(description="requests in the batch that computed this answer")
+    predictions: list[PredictionPublic] = Field(description="the first image's predictions")
+    batch_size: int = Field(description="images in the batch that computed the first image's answer")
+    results: list[ImageResultPublic] = Field(description="every image's answer, in the order sent")
+
+
+class TaskResultPublic(ImageResultPublic):
+    task: str
+    version: str
+
+
+class MultiTaskResponse(BaseModel):
+    results: list[TaskResultPublic] = Field(description="each task's answer for the image, in the order named")
 
 
 class TaskSummaryPublic(BaseModel):

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_task_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(
+        16, ge=1, le=1024, description="images in one classify or v2 infer request at most"
+    )
+    max_tasks_per_request: int = Field(16, ge=1, le=256, description="tasks in one POST /classify?tasks= at most")
     store_poll_s: float = Field(2.0, gt=0, description="how often the store is checked for other replicas' changes")
     cache_bytes: int | Literal["auto"] = Field(
         "auto",

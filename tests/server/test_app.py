@@ -269,3 +269,71 @@ def test_a_failed_start_keeps_readyz_and_healthz_at_503_with_the_reason(tmp_path
         alive = client.get("/healthz")  # a liveness probe that fails gets the container restarted
         assert alive.status_code == 503 and "missing.pth" in alive.json()["detail"]
         assert client.post("/classify/x", content=b"x", headers={"Content-Type": "image/png"}).status_code == 503
+
+
+def _multipart(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+def test_several_images_in_one_request_are_answered_in_order_as_if_sent_alone(
+    app_client: AppFactory, tmp_path: Path, resnet18: Backbone
+) -> None:
+    FileSystemStore(tmp_path / "store").put("flowers", small_task(resnet18, "flowers", num_labels=6).to_bytes())
+    images = [encode("PNG"), encode("JPEG", size=(64, 32)), encode("PNG", mode="L")]
+    with app_client(dtype="float32") as client:
+        r = client.post("/classify/flowers", files=_multipart(images), params={"top_k": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["results"]) == 3 and body["predictions"] == body["results"][0]["predictions"]
+        for data, result in zip(images, body["results"], strict=True):
+            alone = client.post("/classify/flowers", content=data, headers={"Content-Type": "image/png"},
+                                params={"top_k": 3}).json()  # fmt: skip
+            assert [p["index"] for p in result["predictions"]] == [p["index"] for p in alone["predictions"]]
+            for got, want in zip(result["predictions"], alone["predictions"], strict=True):
+                assert abs(got["score"] - want["score"]) < 1e-5
+        too_many = client.post("/classify/flowers", files=_multipart([images[0]] * 17))
+        assert too_many.status_code == 422 and "at most 16" in too_many.json()["detail"]
+
+
+def test_one_image_with_several_tasks_is_one_mixed_batch_equal_to_each_task_alone(
+    app_client: AppFactory, tmp_path: Path, resnet18: Backbone
+) -> None:
+    store = FileSystemStore(tmp_path / "store")
+    for i, name in enumerate(["a", "b", "c"]):
+        store.put(name, small_task(resnet18, name, num_labels=3 + i, seed=i).to_bytes())
+    image = encode("JPEG", size=(50, 44))
+    with app_client(dtype="float32") as client:
+        r = client.post("/classify", params={"tasks": "c,a,b,a"}, content=image, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["task"] for x in results] == ["c", "a", "b"]  # named order, each once
+        assert all(x["batch_size"] == 3 for x in results)  # one mixed batch
+        for x in results:
+            alone = client.post(f"/classify/{x['task']}", content=image, headers={"Content-Type": "image/jpeg"}).json()
+            assert x["version"] == alone["version"]
+            assert [p["index"] for p in x["predictions"]] == [p["index"] for p in alone["predictions"]]
+            for got, want in zip(x["predictions"], alone["predictions"], strict=True):
+                assert abs(got["score"] - want["score"]) < 1e-5
+        missing = client.post(
+            "/classify", params={"tasks": "a,zzz"}, content=image, headers={"Content-Type": "image/jpeg"}
+        )
+        assert missing.status_code == 404 and "zzz" in missing.json()["detail"]
+        many = ",".join(f"t{i}" for i in range(17))
+        r = client.post("/classify", params={"tasks": many}, content=image, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 422 and "at most 16" in r.json()["detail"]
+        two = client.post("/classify", params={"tasks": "a,b"}, files=_multipart([image, image]))
+        assert two.status_code == 422
+
+
+def test_the_docs_page_and_its_assets_are_served_by_the_app_with_no_network(app_client: AppFactory) -> None:
+    import re
+
+    with app_client() as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+        assert urls and not [u for u in urls if u.startswith(("http:", "https:", "//"))], urls
+        for url in urls:
+            assert client.get(url).status_code == 200, url
+        assert any(u.endswith("swagger-ui-bundle.js") for u in urls)
+        assert client.get("/redoc").status_code == 200

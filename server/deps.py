@@ -1,0 +1,264 @@
+"""What the routers share: the services dependency, the task-name path parameter, authentication,
+the bounded body reader, error statuses and bodies, and the per-request metrics and access log."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
+from starlette.requests import ClientDisconnect
+
+from piggyback_core import (
+    TASK_NAME_PATTERN,
+    BackboneMismatchError,
+    EngineError,
+    FingerprintMismatchError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    InvalidTaskNameError,
+    PiggybackError,
+    StoreError,
+    TaskFileError,
+    TaskNotFoundError,
+)
+
+from .errors import (
+    AuthenticationError,
+    BadRequestError,
+    ClientDisconnectedError,
+    DeadlineExceededError,
+    DrainingError,
+    ManagementDisabledError,
+    NotReadyError,
+    PayloadTooLargeError,
+    QueueFullError,
+    RequestTimeoutError,
+    UnsupportedMediaTypeError,
+    VersionNotFoundError,
+)
+from .metrics import Metrics
+from .schemas import ErrorResponse
+from .services import Services
+from .settings import Settings
+
+__all__ = [
+    "STATUS_BY_ERROR",
+    "Auth",
+    "ClassifyAuth",
+    "ManagementAuth",
+    "MetricsDep",
+    "Observed",
+    "ServicesDep",
+    "SettingsDep",
+    "TaskName",
+    "error_headers",
+    "error_response",
+    "errors",
+    "observe",
+    "read_body",
+    "services_of",
+    "status_for",
+]
+
+access_log = logging.getLogger("piggyback.access")
+
+# Domain errors to HTTP statuses, looked up along the exception's MRO (most specific first).
+STATUS_BY_ERROR: dict[type[PiggybackError], int] = {
+    InvalidTaskNameError: 422,
+    TaskNotFoundError: 404,
+    VersionNotFoundError: 404,
+    FingerprintMismatchError: 409,
+    BackboneMismatchError: 409,
+    TaskFileError: 422,
+    ImageTooLargeError: 413,
+    ImageDecodeError: 422,
+    PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    BadRequestError: 422,
+    RequestTimeoutError: 408,
+    ClientDisconnectedError: 499,
+    AuthenticationError: 401,
+    ManagementDisabledError: 403,
+    QueueFullError: 503,
+    NotReadyError: 503,
+    DeadlineExceededError: 504,
+    StoreError: 503,
+    EngineError: 500,
+    PiggybackError: 500,
+}
+
+
+def status_for(exc: PiggybackError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def error_headers(exc: PiggybackError) -> dict[str, str] | None:
+    """The headers an error response carries: when to retry, or to drop the connection."""
+    if isinstance(exc, QueueFullError):
+        return {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, NotReadyError):
+        return {"Retry-After": "5"}
+    if isinstance(exc, RequestTimeoutError):
+        return {"Connection": "close"}  # the rest of the body may never come: drop the connection
+    return None
+
+
+def services_of(request: Request) -> Services:
+    """The app's services once loaded and warmed up; NotReadyError (503) before."""
+    if request.app.state.lifecycle.draining:
+        raise DrainingError()
+    services: Services | None = request.app.state.services
+    if services is None:
+        if request.app.state.startup_error is not None:
+            raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
+        raise NotReadyError()
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(services_of)]
+# The contract's name rule, in the OpenAPI schema too (clients and fuzzers see it); a name that
+# breaks it is refused with 422 before any handler runs.
+TaskName = Annotated[
+    str, Path(pattern=f"^{TASK_NAME_PATTERN.pattern}$", description="task name: ^[a-z0-9][a-z0-9_-]{0,63}$")
+]
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+def _digest(secret: SecretStr | None) -> bytes | None:
+    return None if secret is None else hashlib.sha256(secret.get_secret_value().encode()).digest()
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The configured tokens as SHA-256 digests, hashed once: compared in constant time and
+    constant length, so a comparison reveals neither a token nor its length."""
+
+    management: bytes | None
+    classify: bytes | None
+    allow_unauthenticated: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Auth:
+        return cls(_digest(settings.token), _digest(settings.classify_token), settings.allow_unauthenticated)
+
+
+def _require_bearer(request: Request, expected_digest: bytes) -> None:
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise AuthenticationError("missing bearer token (Authorization: Bearer <token>)")
+    if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected_digest):
+        raise AuthenticationError("invalid bearer token")
+
+
+def _management_auth(request: Request) -> None:
+    auth: Auth = request.app.state.auth
+    if auth.management is not None:
+        _require_bearer(request, auth.management)
+    elif not auth.allow_unauthenticated:
+        raise ManagementDisabledError()
+
+
+def _classify_auth(request: Request) -> None:
+    auth: Auth = request.app.state.auth
+    if auth.classify is not None:
+        _require_bearer(request, auth.classify)
+
+
+ManagementAuth = Depends(_management_auth)
+ClassifyAuth = Depends(_classify_auth)
+
+
+# --- bodies --------------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(limit=limit, what=what)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(limit=limit, what=what)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnectedError() from None
+    return b"".join(chunks)
+
+
+# --- metrics and the access log --------------------------------------------------------------------
+
+
+@dataclass
+class Observed:
+    """What one inference request reports: set ``status`` (and ``batch_size``) as it goes."""
+
+    task: str
+    label: str = "_unknown"
+    status: int = 500
+    batch_size: int = 0
+
+
+@contextlib.asynccontextmanager
+async def observe(request: Request, metrics: Metrics, route: str, task: str) -> AsyncIterator[Observed]:
+    """Count the request in ``piggyback_requests_total`` and its latency, and write its access line
+    (``route`` names it: classify, classify-tasks, v2-infer); a domain error sets the status."""
+    started = time.perf_counter()
+    record = Observed(task=task)
+    try:
+        yield record
+    except PiggybackError as exc:
+        record.status = status_for(exc)
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.requests.labels(record.label, str(record.status)).inc()
+        if record.status == 200:
+            metrics.request_seconds.labels(record.label).observe(elapsed)
+        fields: dict[str, Any] = {
+            "task": task[:64],
+            "status": record.status,
+            "latency_ms": round(elapsed * 1000, 1),
+            "batch_size": record.batch_size,
+            "request_id": getattr(request.state, "request_id", None),
+        }
+        access_log.info("%s %s", route, " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})

@@ -1,0 +1,52 @@
+"""Operations: ``GET /healthz`` (liveness), ``GET /readyz`` (readiness) and ``GET /metrics``
+(Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from piggyback_core import dtype_name
+
+from ..deps import MetricsDep, ServicesDep, errors
+from ..errors import NotReadyError
+from ..schemas import HealthResponse, ReadyResponse
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=HealthResponse, responses=errors(503), summary="Liveness")
+async def healthz(request: Request) -> HealthResponse:
+    if request.app.state.startup_error is not None:  # a failed start is not alive: restart me
+        raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses=errors(503), summary="Readiness")
+async def readyz(services: ServicesDep) -> ReadyResponse:
+    engine = services.engine
+    return ReadyResponse(
+        status="ready",
+        backbone=services.backbone.arch,
+        fingerprint=services.backbone.fingerprint,
+        device=str(engine.device),
+        dtype=dtype_name(engine.dtype),
+        layout=engine.layout,
+        mixed_path=engine.mixed_path,
+        tasks=len(engine.tasks),
+        tasks_loading=services.registry.loading,
+        workers=services.batcher.policy.workers,
+        worker_threads=services.worker_threads,
+        cache_budget_bytes=engine.cache.max_bytes,
+    )
+
+
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+async def prometheus(request: Request, metrics: MetricsDep) -> Response:
+    services = request.app.state.services
+    if services is not None:
+        metrics.queue_depth.set(services.batcher.depth)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

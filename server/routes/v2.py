@@ -1,0 +1,433 @@
+"""The Open Inference Protocol (KServe v2) over REST, with Triton's binary tensor data and
+classification extensions: what Triton's, KServe's and Seldon's clients speak.
+
+Every task is a model; its version is the task's version. Inputs (send one):
+
+* ``image``: ``BYTES [N]`` (or ``[N, 1]``) of encoded images (JPEG, PNG, ...), as Triton's image
+  examples send them; in the JSON form each element is base64;
+* ``pixels``: ``FP32 [N, 3, H, W]``, already preprocessed the task's way (H = W = its crop size).
+
+Output ``logits``: ``FP32 [N, labels]``; with ``parameters.classification = K`` it is instead
+``BYTES [N, K]`` of ``"score:index:label"``, best first, where the score is the softmax probability
+(the ``score`` of ``/classify``). Binary data: a request whose ``Inference-Header-Content-Length``
+header is set carries that many bytes of JSON and then the binary inputs in order (each input's
+``parameters.binary_data_size``); outputs asked for with ``binary_data`` (or the request's
+``binary_data_output``) come back the same way. ``parameters.timeout`` (microseconds, as in Triton)
+shortens the request's deadline. Errors are ``{"error": "..."}`` with the statuses of the rest of the
+API. Inference goes through the same batcher, queue bound, fairness and metrics as ``/classify``.
+
+Spec: kserve/open-inference-protocol ``specification/protocol/inference_rest.md``; Triton's
+``docs/protocol/extension_binary_data.md`` and ``extension_classification.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from piggyback_core import LoadedTask, PiggybackError, __version__
+
+from ..deps import (
+    ClassifyAuth,
+    MetricsDep,
+    ServicesDep,
+    SettingsDep,
+    TaskName,
+    error_headers,
+    observe,
+    read_body,
+    status_for,
+)
+from ..errors import BadRequestError, NotReadyError, VersionNotFoundError
+from ..services import Services
+from .classify import classify_images, preprocessing_of
+
+__all__ = ["EXTENSIONS", "error", "router"]
+
+# Triton's names for the extensions implemented here
+EXTENSIONS = ["binary_tensor_data", "classification"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+OUTPUT = "logits"
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
+models = APIRouter(dependencies=[ClassifyAuth])
+
+
+def error(exc: PiggybackError) -> JSONResponse:
+    """The protocol's error body, ``{"error": "..."}``, with the status the rest of the API uses."""
+    status = status_for(exc)
+    message = "internal error" if status >= 500 and status not in (503, 504) else str(exc)
+    return JSONResponse({"error": message}, status_code=status, headers=error_headers(exc))
+
+
+# --- bodies ---------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def v2_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: Any = None
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+# --- server and models -----------------------------------------------------------------------------
+
+
+@router.get("", response_model=ServerMetadata, summary="Server metadata")
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="piggyback-server", version=__version__, extensions=EXTENSIONS)
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+@router.get("/health/live", response_model=Live, summary="Liveness", responses=v2_errors(503))
+async def live(request: Request) -> Live:
+    if request.app.state.startup_error is not None:
+        raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
+    return Live(live=True)
+
+
+@router.get("/health/ready", response_model=Ready, summary="Readiness", responses=v2_errors(503))
+async def ready(services: ServicesDep) -> Ready:
+    return Ready(ready=True)
+
+
+Version = Annotated[str, Path(max_length=64, description="the task's version (GET /tasks/{task})")]
+
+
+async def _model(services: Services, task: str, version: str | None) -> LoadedTask:
+    loaded = await services.task(task)
+    if version is not None and version != loaded.version:
+        raise VersionNotFoundError(task=task, version=version, served=loaded.version)
+    return loaded
+
+
+def _metadata(services: Services, task: LoadedTask) -> ModelMetadata:
+    size = preprocessing_of(services, task).crop_size
+    return ModelMetadata(
+        name=task.name,
+        versions=[task.version],
+        platform=f"piggyback_{services.backbone.arch}",
+        inputs=[
+            TensorMetadata(name="image", datatype="BYTES", shape=[-1]),
+            TensorMetadata(name="pixels", datatype="FP32", shape=[-1, 3, size, size]),
+        ],
+        outputs=[TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, len(task.labels)])],
+    )
+
+
+@models.get(
+    "/models/{task}", response_model=ModelMetadata, responses=v2_errors(401, 404, 422, 503), summary="Model metadata"
+)
+async def model_metadata(task: TaskName, services: ServicesDep) -> ModelMetadata:
+    return _metadata(services, await _model(services, task, None))
+
+
+@models.get(
+    "/models/{task}/versions/{version}",
+    response_model=ModelMetadata,
+    responses=v2_errors(401, 404, 422, 503),
+    summary="Model metadata of one version",
+)
+async def version_metadata(task: TaskName, version: Version, services: ServicesDep) -> ModelMetadata:
+    return _metadata(services, await _model(services, task, version))
+
+
+@models.get(
+    "/models/{task}/ready",
+    response_model=ModelReady,
+    responses=v2_errors(401, 404, 422, 503),
+    summary="Model readiness",
+)
+async def model_ready(task: TaskName, services: ServicesDep) -> ModelReady:
+    return ModelReady(name=(await _model(services, task, None)).name, ready=True)
+
+
+@models.get(
+    "/models/{task}/versions/{version}/ready",
+    response_model=ModelReady,
+    responses=v2_errors(401, 404, 422, 503),
+    summary="Version readiness",
+)
+async def version_ready(task: TaskName, version: Version, services: ServicesDep) -> ModelReady:
+    return ModelReady(name=(await _model(services, task, version)).name, ready=True)
+
+
+# --- inference -------------------------------------------------------------------------------------
+
+
+def _split_body(request: Request, body: bytes) -> tuple[InferenceRequest, bytes]:
+    length = request.headers.get(HEADER_LENGTH)
+    if length is not None:
+        if not length.isdigit() or int(length) > len(body):
+            raise BadRequestError(f"{HEADER_LENGTH} is {length!r} for a body of {len(body)} bytes")
+        header, binary = body[: int(length)], body[int(length) :]
+    else:
+        header, binary = body, b""
+    try:
+        return InferenceRequest.model_validate_json(header), binary
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        raise BadRequestError(f"not an inference request: {where}") from None
+
+
+def _binary_inputs(req: InferenceRequest, binary: bytes) -> dict[str, bytes]:
+    """Each binary input's bytes, in the order of ``inputs``; every byte accounted for."""
+    out, offset = {}, 0
+    for tensor in req.inputs:
+        size = tensor.parameters.get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise BadRequestError(f"input {tensor.name!r}: binary_data_size {size!r} overruns the binary data")
+        out[tensor.name] = binary[offset : offset + size]
+        offset += size
+    if offset != len(binary):
+        raise BadRequestError(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return out
+
+
+def _flat(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    return [x for item in data for x in _flat(item)]
+
+
+def _images(tensor: RequestInput, raw: bytes | None, limit: int) -> list[bytes]:
+    """A BYTES input: 4-byte little-endian lengths and bytes (binary), or base64 strings (JSON)."""
+    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+        raise BadRequestError(f"input 'image' has shape {tensor.shape}; expected [N] or [N, 1] of encoded images")
+    n = tensor.shape[0]
+    images: list[bytes] = []
+    if raw is not None:
+        offset = 0
+        while offset < len(raw):
+            if offset + 4 > len(raw):
+                raise BadRequestError("input 'image': a truncated BYTES element length")
+            (size,) = struct.unpack_from("<I", raw, offset)
+            if offset + 4 + size > len(raw):
+                raise BadRequestError("input 'image': a BYTES element overruns the binary data")
+            images.append(raw[offset + 4 : offset + 4 + size])
+            offset += 4 + size
+    else:
+        for item in _flat(tensor.data):
+            if not isinstance(item, str):
+                raise BadRequestError("input 'image': in JSON, each element is a base64 string of an encoded image")
+            try:
+                images.append(base64.b64decode(item, validate=True))
+            except binascii.Error:
+                raise BadRequestError("input 'image': an element is not base64") from None
+    if len(images) != n:
+        raise BadRequestError(f"input 'image' has shape {tensor.shape} but holds {len(images)} elements")
+    if not 1 <= n <= limit:
+        raise BadRequestError(f"{n} images in one request; from 1 to {limit}")
+    return images
+
+
+def _pixels(tensor: RequestInput, raw: bytes | None, size: int, limit: int) -> torch.Tensor:
+    """An FP32 input ``[N, 3, size, size]``: little-endian floats (binary) or numbers (JSON)."""
+    shape = tensor.shape
+    if len(shape) != 4 or shape[1:] != [3, size, size]:
+        raise BadRequestError(f"input 'pixels' has shape {shape}; this task takes [N, 3, {size}, {size}]")
+    if not 1 <= shape[0] <= limit:
+        raise BadRequestError(f"{shape[0]} images in one request; from 1 to {limit}")
+    count = math.prod(shape)
+    if raw is not None:
+        if len(raw) != count * 4:
+            raise BadRequestError(f"input 'pixels' has {len(raw)} bytes; shape {shape} of FP32 takes {count * 4}")
+        array = np.frombuffer(raw, dtype="<f4")
+    else:
+        values = _flat(tensor.data)
+        if len(values) != count or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise BadRequestError(f"input 'pixels' must hold {count} numbers for shape {shape}")
+        array = np.asarray(values, dtype=np.float32)
+    pixels = torch.from_numpy(array.astype(np.float32).reshape(shape))
+    if not bool(torch.isfinite(pixels).all()):
+        raise BadRequestError("input 'pixels' holds non-finite values")
+    return pixels
+
+
+def _classes(logits: torch.Tensor, labels: tuple[str, ...], k: int) -> list[str]:
+    probs = torch.softmax(logits.float(), dim=-1)
+    values, indices = probs.topk(min(k, probs.shape[-1]))
+    return [f"{v!r}:{i}:{labels[i]}" for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+_INFER_OK: dict[str, Any] = {
+    "description": "the outputs: JSON, or JSON then binary tensor data (Inference-Header-Content-Length)",
+    "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}},
+}
+
+
+def _serialize_bytes(items: list[str]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode() for s in items))
+
+
+@models.post(
+    "/models/{task}/infer",
+    responses={200: _INFER_OK, **v2_errors(401, 404, 413, 422, 503, 504)},
+    summary="Inference (JSON, or binary tensor data with Inference-Header-Content-Length)",
+)
+async def infer(
+    task: TaskName, request: Request, services: ServicesDep, settings: SettingsDep, metrics: MetricsDep
+) -> Response:
+    return await _infer(task, None, request, services, settings, metrics)
+
+
+@models.post(
+    "/models/{task}/versions/{version}/infer",
+    responses={200: _INFER_OK, **v2_errors(401, 404, 413, 422, 503, 504)},
+    summary="Inference on one version (404 if it is not the one loaded)",
+)
+async def infer_version(
+    task: TaskName,
+    version: Version,
+    request: Request,
+    services: ServicesDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Response:
+    return await _infer(task, version, request, services, settings, metrics)
+
+
+async def _infer(
+    task: str, version: str | None, request: Request, services: Services, settings: Any, metrics: Any
+) -> Response:
+    async with observe(request, metrics, "v2-infer", task) as seen:
+        loaded = await _model(services, task, version)
+        seen.label = metrics.task_label(task)
+        limit = settings.max_images_per_request
+        body = await read_body(request, settings.max_image_bytes + 64 * 1024, "inference request")
+        req, binary = _split_body(request, body)
+        raw = _binary_inputs(req, binary)
+        if len(req.inputs) != 1 or req.inputs[0].name not in ("image", "pixels"):
+            names = [t.name for t in req.inputs]
+            raise BadRequestError(f"inputs {names}: send one input, 'image' (BYTES) or 'pixels' (FP32)")
+        tensor = req.inputs[0]
+        expected = {"image": "BYTES", "pixels": "FP32"}[tensor.name]
+        if tensor.datatype != expected:
+            raise BadRequestError(f"input {tensor.name!r} is {expected}, not {tensor.datatype}")
+        if tensor.name not in raw and tensor.data is None:
+            raise BadRequestError(f"input {tensor.name!r} has no data")
+        timeout = req.parameters.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0):
+            raise BadRequestError(f"parameters.timeout must be a positive number of microseconds, not {timeout!r}")
+        timeout_s = None if timeout is None else timeout / 1e6
+        if tensor.name == "image":
+            images = _images(tensor, raw.get("image"), limit)
+            outputs = await classify_images(services, loaded, images, timeout_s=timeout_s)
+        else:
+            size = preprocessing_of(services, loaded).crop_size
+            pixels = _pixels(tensor, raw.get("pixels"), size, limit)
+            outputs = await services.batcher.submit_many([(loaded, p) for p in pixels], timeout_s=timeout_s)
+        logits = torch.stack([row for row, _ in outputs])
+        seen.batch_size = max(size for _, size in outputs)
+        response = _response(req, loaded, logits)
+        seen.status = 200
+        return response
+
+
+def _response(req: InferenceRequest, task: LoadedTask, logits: torch.Tensor) -> Response:
+    requested = req.outputs if req.outputs is not None else [RequestOutput(name=OUTPUT)]
+    all_binary = bool(req.parameters.get("binary_data_output", False))
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for out in requested:
+        if out.name != OUTPUT:
+            raise BadRequestError(f"unknown output {out.name!r}; this model has {OUTPUT!r}")
+        k = out.parameters.get("classification")
+        binary = bool(out.parameters.get("binary_data", all_binary))
+        entry: dict[str, Any] = {"name": OUTPUT}
+        if k is not None:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise BadRequestError(f"output {OUTPUT!r}: classification must be a positive integer, not {k!r}")
+            rows = [_classes(row, task.labels, k) for row in logits]
+            flat = [s for row in rows for s in row]
+            entry |= {"datatype": "BYTES", "shape": [len(rows), len(rows[0])]}
+            blob, data = (_serialize_bytes(flat), None) if binary else (None, flat)
+        else:
+            array = logits.float().numpy()
+            entry |= {"datatype": "FP32", "shape": list(array.shape)}
+            blob, data = (array.astype("<f4").tobytes(), None) if binary else (None, array.reshape(-1).tolist())
+        if blob is not None:
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = data
+        entries.append(entry)
+    body: dict[str, Any] = {"model_name": task.name, "model_version": task.version, "outputs": entries}
+    if req.id is not None:
+        body["id"] = req.id
+    header = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(
+        header + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(header))},
+    )
+
+
+router.include_router(models)

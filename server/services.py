@@ -1,0 +1,175 @@
+"""What the web layer serves with: :class:`Services` (the backbone, engine, registry, batcher and
+thread pools of one process), built by :func:`build_services` once the lifespan starts.
+
+Every torch operation of the process (loading, validating and registering tasks, the batches)
+runs on the workers' threads (``device_thread``): see ``server.app``'s lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from piggyback_core import (
+    Backbone,
+    Engine,
+    LoadedTask,
+    available_memory_bytes,
+    load_backbone,
+    open_store,
+    parse_dtype,
+    parse_layout,
+    physical_cores,
+    validate_task_name,
+)
+
+from .batcher import Batcher, BatchPolicy, BatchStats
+from .metrics import Metrics
+from .registry import TaskRegistry
+from .settings import Settings
+
+__all__ = ["Services", "build_services", "device_of"]
+
+log = logging.getLogger("piggyback.server")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    device_thread: ThreadPoolExecutor
+    backbone: Backbone
+    engine: Engine
+    registry: TaskRegistry
+    batcher: Batcher
+    decoder: ThreadPoolExecutor
+    worker_threads: int
+    # ready_after=backbone: the background loaders, and the threads that load a pending task at
+    # once for a request that needs it (not queued behind the others)
+    loaders: list[ThreadPoolExecutor] = field(default_factory=list)
+
+    async def task(self, name: str) -> LoadedTask:
+        """``name`` as the engine serves it; a task still loading in the background is loaded now."""
+        validate_task_name(name)
+        if self.registry.is_pending(name):
+            await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.ensure, name)
+        return self.engine.get_task(name)
+
+    def shutdown(self) -> None:
+        for pool in self.loaders:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.decoder.shutdown(wait=False)
+
+
+def device_of(settings: Settings) -> str:
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return settings.device
+
+
+def _cache_budget(settings: Settings, engine: Engine, max_batch_size: int) -> tuple[int, str]:
+    """The weight cache's byte budget and how it was chosen."""
+    if settings.cache_bytes != "auto":
+        return settings.cache_bytes, "set"
+    if engine.device.type == "cuda":
+        # after the backbone, the tasks and the activations of the largest batch (warmed up)
+        size = engine.backbone.preprocessing.crop_size
+        with torch.inference_mode():
+            engine.model(torch.zeros(max_batch_size, 3, size, size, device=engine.device, dtype=engine.dtype))
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        return int(free * 0.8), f"auto: 80% of {free / 2**30:.1f} GiB free GPU memory"
+    available = available_memory_bytes()
+    return available // 2, f"auto: half of {available / 2**30:.1f} GiB available memory"
+
+
+def build_services(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecutor, workers: int) -> Services:
+    """Runs on ``device_thread``, like every other tensor operation of the server."""
+    device = device_of(settings)
+    started = time.perf_counter()
+    backbone = load_backbone(settings.backbone, weights=settings.weights, seed=settings.seed)
+    engine = Engine(
+        backbone,
+        device=device,
+        dtype=parse_dtype(settings.dtype, device),
+        channels_last=parse_layout(settings.layout, settings.backbone),
+        mixed_path=settings.mixed_path,
+    )
+    registry = TaskRegistry(engine, open_store(settings.store))
+
+    # Reading and validating the files runs in parallel (single-threaded torch in each, so no
+    # second OpenMP pool; the checksum and the read release the GIL); the engine takes the tasks
+    # one by one.
+    def load_pool(threads: int, name: str) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
+
+    load_threads = settings.load_threads or min(physical_cores(), 4)
+    loading = time.perf_counter()
+    loaders = []
+    first: str | None = None
+    if settings.ready_after == "tasks":
+        with load_pool(load_threads, "piggyback-load") as pool:
+            report = registry.sync(pool)
+        for name, reason in report.failed.items():
+            log.error("skipped task %r: %s", name, reason)
+        log.info("loaded %d task(s) from %s in %.1f s (backbone: %.1f s)", len(report.loaded), settings.store,
+                 time.perf_counter() - loading, loading - started)  # fmt: skip
+    else:
+        loaders = [load_pool(load_threads, "piggyback-load"), load_pool(2, "piggyback-load-now")]
+        count = registry.start_background(loaders[0])
+        log.info("loading %d task(s) from %s in the background (backbone: %.1f s)", count, settings.store,
+                 loading - started)  # fmt: skip
+        for name in [*settings.pinned, *sorted(registry.store.snapshot())[:1]]:
+            registry.ensure(name)  # pinned tasks, and one task for the warm-up, before ready
+            first = first or (name if name in engine.tasks else None)
+    max_batch_size = settings.max_batch_size or (32 if device == "cuda" else 8)
+    budget, how = _cache_budget(settings, engine, max_batch_size)
+    engine.cache.resize(budget)
+    per_task = engine.weights_nbytes
+    log.info("weight cache: %.0f MiB (%s): built weights of %s task(s) of %.1f MiB", budget / 2**20, how,
+             budget // per_task if per_task else "any number of", per_task / 2**20)  # fmt: skip
+    size = backbone.preprocessing.crop_size
+    for name in settings.pinned:
+        if name not in engine.tasks:
+            log.warning("pinned task %r is not in the store; it is pinned when it is registered", name)
+            engine.cache.pin(name)
+            continue
+        engine.pin(name)  # EngineError (start-up fails, one line) if it does not fit the budget
+        engine.run(name, torch.zeros(1, 3, size, size))
+        log.info("pinned task %r (built and warmed up)", name)
+    # Warm-up: one batch through every code path the first request would take.
+    with torch.inference_mode():
+        engine.model(torch.zeros(1, 3, size, size, device=engine.device, dtype=engine.dtype))
+    if engine.tasks and not settings.pinned:
+        engine.run(first or next(iter(engine.tasks.values())), torch.zeros(1, 3, size, size))
+
+    def on_batch(stats: BatchStats) -> None:
+        metrics.batch_size.observe(stats.size)
+        metrics.batch_tasks.observe(stats.tasks)
+        metrics.compute_seconds.observe(stats.compute_s)
+        for wait in stats.queue_waits_s:
+            metrics.queue_seconds.observe(wait)
+
+    policy = BatchPolicy(
+        max_batch_size=max_batch_size,
+        workers=workers,
+        max_wait_s=settings.max_wait_ms / 1000,
+        queue_size=settings.queue_size,
+        timeout_s=settings.request_timeout_s,
+    )
+    batcher = Batcher(engine, policy, on_batch=on_batch, on_depth=metrics.queue_depth.set, executor=device_thread)
+    # On a CPU the workers already use every core: decoding in more threads oversubscribes them,
+    # and torch's OpenMP threads then wait on descheduled peers (measured with 64 clients on 2
+    # cores: 10.7 img/s with 2 decode threads). Decoding on the worker threads, between batches,
+    # is the plain loop's order. On a GPU, decoding in threads overlaps with the GPU's work.
+    threads = settings.decode_threads if settings.decode_threads is not None else (4 if device == "cuda" else 0)
+    if threads == 0:
+        decoder = device_thread
+    else:
+        decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="piggyback-decode")
+    return Services(
+        settings, device_thread, backbone, engine, registry, batcher, decoder, torch.get_num_threads(), loaders
+    )

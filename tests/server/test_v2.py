@@ -1,0 +1,215 @@
+"""The Open Inference Protocol (v2) against the real client: ``tritonclient[http]`` (Triton's
+reference client, binary tensor data by default) talking to a real ``piggyback serve`` process."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from piggyback_core import FileSystemStore, decode_image
+from tests.conftest import SMALL
+from tests.live import LiveServer, live_server
+from tests.server.conftest import small_task
+
+
+def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> bytes:
+    image = Image.new("RGB", size, color)
+    image.paste((255 - color[0], color[1] // 2, 90), (5, 5, size[0] // 2, size[1] // 2))  # not uniform
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+JPEGS = [_jpeg((200, 30, 30)), _jpeg((20, 180, 60)), _jpeg((40, 40, 220), size=(64, 30))]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, resnet18) -> Iterator[LiveServer]:  # noqa: ANN001
+    store = tmp_path_factory.mktemp("v2-store")
+    fs = FileSystemStore(store)
+    fs.put("flowers", small_task(resnet18, "flowers", num_labels=5, seed=1).to_bytes())
+    fs.put("birds", small_task(resnet18, "birds", num_labels=7, kind="ternary", seed=2).to_bytes())
+    # float32: the comparisons below are between batches of different sizes
+    with live_server(store, dtype="float32", max_wait_ms=1) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[triton.InferenceServerClient]:
+    c = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+def _classify(server: LiveServer, task: str, jpeg: bytes, top_k: int = 5) -> list[dict]:
+    r = httpx.post(f"{server.url}/classify/{task}", params={"top_k": top_k}, content=jpeg,
+                   headers={"Content-Type": "image/jpeg"}, timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"]
+
+
+def _image_input(jpegs: list[bytes]) -> triton.InferInput:
+    tensor = triton.InferInput("image", [len(jpegs)], "BYTES")
+    tensor.set_data_from_numpy(np.array(jpegs, dtype=np.object_))  # binary tensor data: the default
+    return tensor
+
+
+def _softmax_top(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    probs = torch.softmax(torch.tensor(np.array(logits)).float(), dim=-1)
+    values, indices = probs.topk(k)
+    return list(zip(indices.tolist(), values.tolist(), strict=True))
+
+
+def _assert_equals_classify(server: LiveServer, task: str, jpeg: bytes, logits: np.ndarray) -> None:
+    expected = _classify(server, task, jpeg)
+    got = _softmax_top(logits, len(expected))
+    assert [i for i, _ in got] == [p["index"] for p in expected]
+    np.testing.assert_allclose([s for _, s in got], [p["score"] for p in expected], rtol=0, atol=1e-5)
+
+
+def test_the_client_sees_a_live_ready_server_and_every_task_as_a_model(
+    client: triton.InferenceServerClient, server: LiveServer
+) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "piggyback-server"
+    assert {"binary_tensor_data", "classification"} <= set(meta["extensions"])
+    version = httpx.get(f"{server.url}/tasks/flowers").json()["version"]
+    model = client.get_model_metadata("flowers")
+    assert model["name"] == "flowers" and model["versions"] == [version]
+    assert model["platform"] == "piggyback_resnet18"
+    assert {(t["name"], t["datatype"], tuple(t["shape"])) for t in model["inputs"]} == {
+        ("image", "BYTES", (-1,)),
+        ("pixels", "FP32", (-1, 3, 32, 32)),
+    }
+    assert model["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 5]}]
+    assert client.get_model_metadata("flowers", model_version=version)["versions"] == [version]
+    assert client.is_model_ready("flowers") and client.is_model_ready("flowers", model_version=version)
+    assert not client.is_model_ready("flowers", model_version="0000000000000000")
+    assert not client.is_model_ready("nope")
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_jpegs_as_bytes_in_binary_mode_give_the_logits_of_classify(
+    client: triton.InferenceServerClient, server: LiveServer, count: int
+) -> None:
+    jpegs = JPEGS[:count]
+    result = client.infer("birds", [_image_input(jpegs)], outputs=[triton.InferRequestedOutput("logits")])
+    logits = result.as_numpy("logits")
+    assert logits.dtype == np.float32 and logits.shape == (count, 7)
+    assert result.get_output("logits")["parameters"]["binary_data_size"] == count * 7 * 4  # binary
+    for jpeg, row in zip(jpegs, logits, strict=True):
+        _assert_equals_classify(server, "birds", jpeg, row)
+
+
+def test_the_classification_extension_gives_score_index_label_as_classify_does(
+    client: triton.InferenceServerClient, server: LiveServer
+) -> None:
+    for binary in (True, False):
+        output = triton.InferRequestedOutput("logits", binary_data=binary, class_count=3)
+        result = client.infer("flowers", [_image_input(JPEGS)], outputs=[output])  # JSON can't carry JPEG bytes
+        classes = result.as_numpy("logits")
+        assert classes.shape == (3, 3)
+        for jpeg, row in zip(JPEGS, classes, strict=True):
+            expected = _classify(server, "flowers", jpeg, top_k=3)
+            parsed = [(item.decode() if isinstance(item, bytes) else item).split(":") for item in row]
+            assert [(int(i), label) for _, i, label in parsed] == [(p["index"], p["label"]) for p in expected]
+            np.testing.assert_allclose([float(s) for s, _, _ in parsed], [p["score"] for p in expected], atol=1e-6)
+
+
+def _pixels(jpeg: bytes) -> np.ndarray:
+    """The task's own preprocessing, done by the client."""
+    return SMALL(decode_image(jpeg, draft_min_side=SMALL.decode_min_side)).numpy()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_preprocessed_fp32_tensors_give_the_same_logits_as_the_encoded_images(
+    client: triton.InferenceServerClient, binary: bool
+) -> None:
+    pixels = np.stack([_pixels(j) for j in JPEGS]).astype(np.float32)
+    tensor = triton.InferInput("pixels", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels, binary_data=binary)
+    output = triton.InferRequestedOutput("logits", binary_data=binary)
+    from_pixels = client.infer("flowers", [tensor], outputs=[output]).as_numpy("logits")
+    from_images = client.infer("flowers", [_image_input(JPEGS)]).as_numpy("logits")
+    np.testing.assert_allclose(from_pixels, from_images, rtol=0, atol=1e-5)
+
+
+def test_the_request_id_is_echoed_and_a_version_that_is_not_loaded_is_404(
+    client: triton.InferenceServerClient, server: LiveServer
+) -> None:
+    version = httpx.get(f"{server.url}/tasks/flowers").json()["version"]
+    result = client.infer("flowers", [_image_input(JPEGS[:1])], model_version=version, request_id="req-42")
+    assert result.get_response()["id"] == "req-42" and result.get_response()["model_version"] == version
+    with pytest.raises(InferenceServerException, match="has no version '7'") as info:
+        client.infer("flowers", [_image_input(JPEGS[:1])], model_version="7")
+    assert info.value.status() == "404"
+
+
+def test_bad_input_raises_the_clients_exception_carrying_our_message(client: triton.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException, match="no task named 'nope'") as info:
+        client.infer("nope", [_image_input(JPEGS[:1])])
+    assert info.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="not an image in a supported format") as info:
+        client.infer("flowers", [_image_input([JPEGS[0], b"this is not an image"])])
+    assert info.value.status() == "422"
+    wrong = triton.InferInput("pixels", [1, 3, 8, 8], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 3, 8, 8), dtype=np.float32))
+    with pytest.raises(InferenceServerException, match=r"this task takes \[N, 3, 32, 32\]"):
+        client.infer("flowers", [wrong])
+    with pytest.raises(InferenceServerException, match="unknown output 'probs'"):
+        client.infer("flowers", [_image_input(JPEGS[:1])], outputs=[triton.InferRequestedOutput("probs")])
+    # the client's own deadline (parameters.timeout, microseconds): 1 us cannot be met
+    with pytest.raises(InferenceServerException, match="deadline") as info:
+        client.infer("flowers", [_image_input(JPEGS[:1])], timeout=1)
+    assert info.value.status() == "504"
+
+
+def test_v2_requests_count_in_the_same_metrics_as_classify(
+    client: triton.InferenceServerClient, server: LiveServer
+) -> None:
+    def served() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith('piggyback_requests_total{status="200",task="birds"}'))
+        return float(line.split()[-1])
+
+    before = served()
+    client.infer("birds", [_image_input(JPEGS[:2])])
+    assert served() == before + 1
+
+
+def test_json_bytes_elements_are_base64_and_malformed_binary_framing_is_refused(server: LiveServer) -> None:
+    import base64
+    import json
+
+    url = f"{server.url}/v2/models/flowers/infer"
+    body = {"id": "j", "inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                                   "data": [base64.b64encode(j).decode() for j in JPEGS[:2]]}]}  # fmt: skip
+    r = httpx.post(url, json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    out = r.json()
+    assert out["id"] == "j" and out["outputs"][0]["shape"] == [2, 5]
+    logits = np.array(out["outputs"][0]["data"], dtype=np.float32).reshape(2, 5)
+    for jpeg, row in zip(JPEGS[:2], logits, strict=True):
+        _assert_equals_classify(server, "flowers", jpeg, row)
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 4 + len(JPEGS[0])}}]}).encode()  # fmt: skip
+    element = len(JPEGS[0]).to_bytes(4, "little") + JPEGS[0]
+    cases = {
+        "header length past the body": (header + element, str(len(header) + len(element) + 1), "for a body of"),
+        "bytes left over": (header + element + b"xx", str(len(header)), "belong to no input"),
+        "element overruns": (header + element[:-5], str(len(header)), "overruns"),
+        "not json": (b"{nope" + element, "5", "not an inference request"),
+    }
+    for what, (content, length, message) in cases.items():
+        r = httpx.post(url, content=content, headers={"Inference-Header-Content-Length": length}, timeout=30)
+        assert r.status_code == 422, what
+        assert message in r.json()["error"], (what, r.text)

@@ -227,6 +227,26 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Send images to a running server and print each one's top labels and scores."""
+    from .client import classify
+
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    for task in tasks:
+        validate_task_name(task)
+    token = args.token or os.environ.get("PIGGYBACK_CLASSIFY_TOKEN")
+    answers = classify(
+        args.server, tasks, [Path(p) for p in args.images], token=token, top_k=args.top_k, timeout_s=args.timeout
+    )
+    if args.json:
+        print(json.dumps(answers, indent=2))
+        return 0
+    for a in answers:
+        scores = "  ".join(f"{p['label']} {p['score']:.3f}" for p in a["predictions"])
+        print(f"{a['image']}\t{a['task']}\t{scores}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -382,6 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_fingerprint)
+
+    p = sub.add_parser(
+        "classify",
+        help="classify images with a running server's task(s)",
+        description="Send images to a running server and print each one's top labels and scores (several images "
+        "go in one request; several tasks classify each image in one mixed batch).",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
+    p.add_argument("--server", default="http://localhost:8000", help="the server's URL (default %(default)s)")
+    p.add_argument("--task", required=True, help="a task name, or several separated by commas")
+    p.add_argument("--top-k", type=int, default=5, help="predictions per image and task (default %(default)s)")
+    p.add_argument("--token", help="classify token, if the server needs one (default: $PIGGYBACK_CLASSIFY_TOKEN)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the answers as JSON")
+    p.set_defaults(func=cmd_classify)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -213,3 +214,51 @@ def test_json_bytes_elements_are_base64_and_malformed_binary_framing_is_refused(
         r = httpx.post(url, content=content, headers={"Inference-Header-Content-Length": length}, timeout=30)
         assert r.status_code == 422, what
         assert message in r.json()["error"], (what, r.text)
+
+
+def test_the_classify_command_prints_labels_and_scores_equal_to_the_api(
+    server: LiveServer, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from server.cli import main
+
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, jpeg in enumerate(JPEGS):
+        paths.append(folder / f"img{i}.jpg")
+        paths[-1].write_bytes(jpeg)
+    files = [str(p) for p in paths]
+    assert main(["classify", "--server", server.url, "--task", "flowers", "--top-k", "3", "--json", *files]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert [a["image"] for a in answers] == files
+    for a, jpeg in zip(answers, JPEGS, strict=True):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in _classify(server, "flowers", jpeg, 3)]
+    assert main(["classify", "--server", server.url, "--task", "flowers,birds", *files[:2]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [[f, t] for f in files[:2] for t in ("flowers", "birds")]
+    assert all(len(line.split("\t")[2].split("  ")) == 5 for line in lines)  # top 5 "label score" pairs
+    assert main(["classify", "--server", server.url, "--task", "nope", files[0]]) == 2
+    assert "the server answered 404: no task named 'nope'" in capsys.readouterr().err
+    assert main(["classify", "--server", server.url, "--task", "flowers", str(folder / "missing.jpg")]) == 2
+    assert "missing.jpg" in capsys.readouterr().err
+
+
+def test_the_classify_command_sends_the_classify_token_from_the_flag_or_the_environment(
+    tmp_path: Path,
+    resnet18,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    from server.cli import main
+
+    FileSystemStore(tmp_path / "store").put("flowers", small_task(resnet18, "flowers").to_bytes())
+    image = tmp_path / "a.jpg"
+    image.write_bytes(JPEGS[0])
+    with live_server(tmp_path / "store", classify_token="s3cret") as live:
+        args = ["classify", "--server", live.url, "--task", "flowers", str(image)]
+        monkeypatch.delenv("PIGGYBACK_CLASSIFY_TOKEN", raising=False)
+        assert main(args) == 2 and "401" in capsys.readouterr().err
+        assert main([*args, "--token", "s3cret"]) == 0
+        monkeypatch.setenv("PIGGYBACK_CLASSIFY_TOKEN", "s3cret")
+        assert main(args) == 0

@@ -1,6 +1,6 @@
 """The README's examples run as written: every ```sh block, in order, against a live demo server
 (``python -m scripts.demo``, what ``make demo`` runs), from a folder laid out as a fresh clone
-after ``make demo`` (``.venv/bin/piggyback`` and ``.demo/``). Only the port numbers are moved to
+after ``make demo`` (``.venv/bin/piggyback``, ``python`` and ``pip``, and ``.demo/``). Only the port numbers are moved to
 free ones, and curl is made to fail on an HTTP error (``--fail-with-body``) so that a 401 or a 404
 fails the block instead of printing a JSON error."""
 
@@ -47,9 +47,16 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     where = tmp_path_factory.mktemp("clone")
     bin_dir = where / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    shim = bin_dir / "piggyback"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m server.cli "$@"\n')
-    shim.chmod(0o755)
+    shims = {
+        "piggyback": f'exec "{sys.executable}" -m server.cli "$@"',
+        "python": f'exec "{sys.executable}" "$@"',
+        # the clone's pip is this environment's, which already has the dev tools: no network
+        "pip": f'exec "{sys.executable}" -m pip "$@" --no-index',
+    }
+    for name, line in shims.items():
+        shim = bin_dir / name
+        shim.write_text(f"#!/bin/sh\n{line}\n")
+        shim.chmod(0o755)
     tools = where / "tools"
     tools.mkdir()
     curl = tools / "curl"

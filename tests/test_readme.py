@@ -1,8 +1,8 @@
 """The README's examples run as written: every ```sh block, in order, against a live demo server
 (``python -m scripts.demo``, what ``make demo`` runs), from a folder laid out as a fresh clone
-after ``make demo`` (``.venv/bin/piggyback``, ``python`` and ``pip``, and ``.demo/``). Only the port numbers are moved to
-free ones, and curl is made to fail on an HTTP error (``--fail-with-body``) so that a 401 or a 404
-fails the block instead of printing a JSON error."""
+after ``make demo`` (``.venv/bin/piggyback``, ``python`` and ``pip``, and ``.demo/``). Only the
+port numbers are moved to free ones, and curl is made to fail on an HTTP error
+(``--fail-with-body``) so that a 401 or a 404 fails the block instead of printing a JSON error."""
 
 from __future__ import annotations
 

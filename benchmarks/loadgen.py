@@ -13,11 +13,15 @@ image ``i % len(images)``, clients staggered so that every batch mixes tasks. ``
 request to a task drawn uniformly at random; ``zipf``: drawn with probability proportional to
 ``1 / rank`` (Zipf, s = 1; ranks given to the tasks by a seeded shuffle). Seeded per client.
 ``--urls`` (one per task, in the order of ``--tasks``) sends each task to its own server.
+``--protocol``: ``classify`` (``POST /classify/{task}``, the image as the body), ``v2`` (``POST
+/v2/models/{task}/infer`` with binary tensor data in and out, as tritonclient sends it) or
+``v2-json`` (the image base64 in JSON, the logits as JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import itertools
 import json
@@ -36,6 +40,24 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+def request_for(protocol: str, task: str, image: bytes) -> tuple[str, bytes, dict[str, str]]:
+    """(path, body, headers) of one request for ``image`` to ``task``."""
+    if protocol == "classify":
+        return f"/classify/{task}?top_k=1", image, {"Content-Type": "image/jpeg"}
+    path = f"/v2/models/{task}/infer"
+    if protocol == "v2-json":
+        data = [base64.b64encode(image).decode()]
+        body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": data}]}
+        return path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    element = len(image).to_bytes(4, "little") + image
+    header = json.dumps({
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(element)}}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    return path, header + element, {"Inference-Header-Content-Length": str(len(header))}
+
+
 def run(
     url: str,
     images: list[bytes],
@@ -46,6 +68,7 @@ def run(
     traffic: str = "cycle",
     urls: list[str] | None = None,
     seed: int = 0,
+    protocol: str = "classify",
 ) -> dict:
     targets = [urlparse(u) for u in urls] if urls else [urlparse(url)] * len(tasks)
     weights = list(itertools.accumulate(1.0 / (r + 1) for r in range(len(tasks))))
@@ -76,10 +99,10 @@ def run(
             conn = conns.get(target.port or 80)
             if conn is None:
                 conn = conns[target.port or 80] = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
-            path = f"/classify/{tasks[t]}?top_k=1"
+            path, payload, headers = request_for(protocol, tasks[t], body)
             t0 = time.monotonic()
             try:
-                conn.request("POST", path, body=body, headers={"Content-Type": "image/jpeg"})
+                conn.request("POST", path, body=payload, headers=headers)
                 response = conn.getresponse()
                 response.read()
                 status = response.status
@@ -128,13 +151,17 @@ def main() -> None:
     parser.add_argument("--traffic", choices=["cycle", "uniform", "zipf"], default="cycle")
     parser.add_argument("--urls", help="comma-separated, one server per task (default: --url for all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--protocol", choices=["classify", "v2", "v2-json"], default="classify")
     args = parser.parse_args()
     images = [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
     tasks = args.tasks.split(",")
     urls = args.urls.split(",") if args.urls else None
     if urls is not None and len(urls) != len(tasks):
         parser.error("--urls needs one URL per task")
-    result = run(args.url, images, tasks, args.concurrency, args.duration, args.warmup, args.traffic, urls, args.seed)
+    result = run(
+        args.url, images, tasks, args.concurrency, args.duration, args.warmup, args.traffic, urls, args.seed,
+        args.protocol,
+    )  # fmt: skip
     print(json.dumps(result))
 
 

@@ -343,11 +343,13 @@ def load(
     warmup: float,
     traffic: str = "cycle",
     urls: list[str] | None = None,
+    protocol: str = "classify",
 ) -> dict:
-    """One benchmarks.loadgen run in its own process (see there for ``traffic`` and ``urls``)."""
+    """One benchmarks.loadgen run in its own process (see there for ``traffic``, ``urls`` and
+    ``protocol``)."""
     cmd = [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--images", str(photos)]
     cmd += ["--tasks", ",".join(tasks), "--concurrency", str(concurrency)]
-    cmd += ["--duration", str(duration), "--warmup", str(warmup), "--traffic", traffic]
+    cmd += ["--duration", str(duration), "--warmup", str(warmup), "--traffic", traffic, "--protocol", protocol]
     if urls:
         cmd += ["--urls", ",".join(urls)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)

@@ -153,12 +153,17 @@ def build_services(settings: Settings, metrics: Metrics, device_thread: ThreadPo
         for wait in stats.queue_waits_s:
             metrics.queue_seconds.observe(wait)
 
+    # Automatic threads on a CPU with several workers: the batches in flight share the cores (a
+    # lone batch gets them all, a backlog runs single-threaded batches side by side; batcher.py).
+    # Threads set by the operator stay fixed per worker.
+    shared = device == "cpu" and settings.worker_threads is None and workers > 1
     policy = BatchPolicy(
         max_batch_size=max_batch_size,
         workers=workers,
         max_wait_s=settings.max_wait_ms / 1000,
         queue_size=settings.queue_size,
         timeout_s=settings.request_timeout_s,
+        cores=workers * torch.get_num_threads() if shared else 0,  # this runs on a worker: its threads
     )
     batcher = Batcher(engine, policy, on_batch=on_batch, on_depth=metrics.queue_depth.set, executor=device_thread)
     # On a CPU the workers already use every core: decoding in more threads oversubscribes them,

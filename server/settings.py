@@ -88,7 +88,11 @@ class Settings(BaseSettings):
         description="batches computed at once, each on its own thread; default: on a CPU min(cores, 8), on CUDA 1",
     )
     worker_threads: int | None = Field(
-        None, ge=1, le=256, description="intra-op threads of each worker; default: on a CPU cores // workers"
+        None,
+        ge=1,
+        le=256,
+        description="intra-op threads of each worker, fixed; default on a CPU: the batches in flight share the "
+        "cores (a lone batch gets them all, a backlog runs cores // workers each)",
     )
     load_threads: int | None = Field(
         None,

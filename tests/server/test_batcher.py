@@ -1,5 +1,6 @@
 import asyncio
 import itertools
+import threading
 import time
 from collections import deque
 
@@ -164,3 +165,50 @@ def test_a_batch_is_made_of_whole_task_groups_not_round_robin(resnet18: Backbone
     loop.close()
     assert first == ["a"] * 6 + ["b"] * 2  # two segments (round-robin would make three: a, b, c)
     assert second == ["c"] + ["b"] * 4  # c, deferred by the first batch, goes first
+
+
+def test_the_core_budget_gives_a_lone_batch_every_core_and_a_backlog_single_threaded_batches() -> None:
+    policy = BatchPolicy(max_batch_size=8, workers=2, cores=2)
+    assert policy.threads_for(free=2, in_flight=0, waiting=8) == 2  # alone and takes everything
+    assert policy.threads_for(free=2, in_flight=0, waiting=9) == 1  # a backlog: one core each
+    assert policy.threads_for(free=2, in_flight=0, waiting=4, expected=3) == 1  # more on the way
+    assert policy.threads_for(free=1, in_flight=1, waiting=3) == 1
+    assert policy.threads_for(free=0, in_flight=1, waiting=20) == 0  # wait for a running batch
+    assert BatchPolicy(max_batch_size=8, workers=4, cores=16).threads_for(free=8, in_flight=2, waiting=40) == 4
+
+
+def test_batches_in_flight_never_hold_more_threads_than_the_cores(resnet18: Backbone) -> None:
+    engine = _engine(resnet18, "a")
+    image = torch.randn(3, 32, 32)
+    seen: list[tuple[int, int]] = []  # (threads of this batch, threads held by all batches in flight)
+    held = [0]
+    lock = threading.Lock()
+    run_mixed = engine.run_mixed
+
+    def recording(images, tasks):  # noqa: ANN001, ANN202
+        threads = torch.get_num_threads()
+        with lock:
+            held[0] += threads
+            seen.append((threads, held[0]))
+        time.sleep(0.05)  # long enough for batches to overlap
+        try:
+            return run_mixed(images, tasks)
+        finally:
+            with lock:
+                held[0] -= threads
+
+    engine.run_mixed = recording  # type: ignore[method-assign]
+
+    async def scenario(requests: int) -> None:
+        policy = BatchPolicy(max_batch_size=4, max_wait_s=0.001, queue_size=256, workers=2, cores=2)
+        batcher = Batcher(engine, policy)
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit(engine.get_task("a"), image) for _ in range(requests)))
+        await batcher.stop()
+
+    asyncio.run(scenario(3))  # a lone batch: every core
+    assert seen == [(2, 2)]
+    seen.clear()
+    asyncio.run(scenario(40))  # a backlog: single-threaded batches side by side, never over budget
+    assert max(held for _, held in seen) <= 2
+    assert (1, 2) in seen  # two one-thread batches did overlap

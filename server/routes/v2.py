@@ -35,7 +35,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from piggyback_core import LoadedTask, PiggybackError, __version__
+from piggyback_core import LoadedTask, PiggybackError, __version__, predictions_from_logits
 
 from ..deps import (
     ClassifyAuth,
@@ -49,7 +49,9 @@ from ..deps import (
     status_for,
 )
 from ..errors import BadRequestError, NotReadyError, VersionNotFoundError
+from ..metrics import Metrics
 from ..services import Services
+from ..settings import Settings
 from .classify import classify_images, preprocessing_of
 
 __all__ = ["EXTENSIONS", "error", "router"]
@@ -310,9 +312,22 @@ def _pixels(tensor: RequestInput, raw: bytes | None, size: int, limit: int) -> t
 
 
 def _classes(logits: torch.Tensor, labels: tuple[str, ...], k: int) -> list[str]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    values, indices = probs.topk(min(k, probs.shape[-1]))
-    return [f"{v!r}:{i}:{labels[i]}" for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+    """The classification extension's strings, from the predictions ``/classify`` gives."""
+    return [f"{p.score!r}:{p.index}:{p.label}" for p in predictions_from_logits(logits, labels, k)]
+
+
+def _requested(req: InferenceRequest) -> list[tuple[int | None, bool]]:
+    """Each requested output as (classification K or None, binary), checked before any compute."""
+    all_binary = bool(req.parameters.get("binary_data_output", False))
+    out = []
+    for output in req.outputs if req.outputs is not None else [RequestOutput(name=OUTPUT)]:
+        if output.name != OUTPUT:
+            raise BadRequestError(f"unknown output {output.name!r}; this model has {OUTPUT!r}")
+        k = output.parameters.get("classification")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise BadRequestError(f"output {OUTPUT!r}: classification must be a positive integer, not {k!r}")
+        out.append((k, bool(output.parameters.get("binary_data", all_binary))))
+    return out
 
 
 _INFER_OK: dict[str, Any] = {
@@ -353,7 +368,7 @@ async def infer_version(
 
 
 async def _infer(
-    task: str, version: str | None, request: Request, services: Services, settings: Any, metrics: Any
+    task: str, version: str | None, request: Request, services: Services, settings: Settings, metrics: Metrics
 ) -> Response:
     async with observe(request, metrics, "v2-infer", task) as seen:
         loaded = await _model(services, task, version)
@@ -375,6 +390,7 @@ async def _infer(
         if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0):
             raise BadRequestError(f"parameters.timeout must be a positive number of microseconds, not {timeout!r}")
         timeout_s = None if timeout is None else timeout / 1e6
+        requested = _requested(req)
         if tensor.name == "image":
             images = _images(tensor, raw.get("image"), limit)
             outputs = await classify_images(services, loaded, images, timeout_s=timeout_s)
@@ -384,25 +400,19 @@ async def _infer(
             outputs = await services.batcher.submit_many([(loaded, p) for p in pixels], timeout_s=timeout_s)
         logits = torch.stack([row for row, _ in outputs])
         seen.batch_size = max(size for _, size in outputs)
-        response = _response(req, loaded, logits)
+        response = _response(req, requested, loaded, logits)
         seen.status = 200
         return response
 
 
-def _response(req: InferenceRequest, task: LoadedTask, logits: torch.Tensor) -> Response:
-    requested = req.outputs if req.outputs is not None else [RequestOutput(name=OUTPUT)]
-    all_binary = bool(req.parameters.get("binary_data_output", False))
+def _response(
+    req: InferenceRequest, requested: list[tuple[int | None, bool]], task: LoadedTask, logits: torch.Tensor
+) -> Response:
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for out in requested:
-        if out.name != OUTPUT:
-            raise BadRequestError(f"unknown output {out.name!r}; this model has {OUTPUT!r}")
-        k = out.parameters.get("classification")
-        binary = bool(out.parameters.get("binary_data", all_binary))
+    for k, binary in requested:
         entry: dict[str, Any] = {"name": OUTPUT}
         if k is not None:
-            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                raise BadRequestError(f"output {OUTPUT!r}: classification must be a positive integer, not {k!r}")
             rows = [_classes(row, task.labels, k) for row in logits]
             flat = [s for row in rows for s in row]
             entry |= {"datatype": "BYTES", "shape": [len(rows), len(rows[0])]}

@@ -406,10 +406,11 @@ class Engine:
         self._lock = threading.Lock()
         if mixed_path not in MIXED_PATHS:
             raise ValueError(f"unknown mixed path {mixed_path!r}; expected one of {', '.join(MIXED_PATHS)}")
-        if mixed_path == "stacked" and not channel_separable(self.model):
+        separable = channel_separable(self.model)
+        if mixed_path == "stacked" and not separable:
             raise ValueError(f"{backbone.arch} mixes channels across tasks: its mixed batches cannot run stacked")
         if mixed_path == "auto":
-            mixed_path = "stacked" if self.device.type == "cuda" and channel_separable(self.model) else "segments"
+            mixed_path = "stacked" if self.device.type == "cuda" and separable else "segments"
         self.mixed_path: MixedPath = mixed_path
 
     # --- tasks --------------------------------------------------------------------------------
@@ -477,8 +478,8 @@ class Engine:
         self.cache.unpin(name)
 
     def prefill(self, name: str) -> bool:
-        """Build ``name``'s weights into the cache's free room (evicting nothing); False when
-        there is no room left (or the task is gone or already built)."""
+        """Build ``name``'s weights into the cache's free room (evicting nothing). True when they
+        are held (built now or already); False when there is no room left or the task is gone."""
         task = self._tasks.get(name)
         if task is None or self.cache.free_bytes < self._weights_nbytes:
             return False

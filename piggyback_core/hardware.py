@@ -26,6 +26,7 @@ __all__ = [
     "native_bf16",
     "parse_dtype",
     "parse_layout",
+    "physical_cores",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,7 +137,8 @@ def auto_workers(device: torch.device | str, workers: int | None = None, threads
     in order anyway) with every core. On a CPU: ``min(cores, 8)`` workers and the cores shared
     among them: independent single-threaded workers beat one worker whose every operation is
     split across the cores at the small batches of mixed traffic (2 cores: 2 x 1 against 1 x 2,
-    resnet18 bf16: 1.4-1.6x; fp32 1.1-1.3x)."""
+    resnet18 bf16: 1.4-1.6x; fp32 1.1-1.3x). When ``threads`` is not given, the server's batcher
+    lends a lone batch every core (server/batcher.py, ``BatchPolicy.cores``)."""
     cores = physical_cores()
     if torch.device(device).type == "cuda":
         return workers or 1, threads or cores

@@ -57,13 +57,14 @@ from .hardware import (
     auto_dtype,
     auto_workers,
     available_memory_bytes,
+    cgroup_cpu_limit,
     dtype_name,
     native_bf16,
     parse_dtype,
     parse_layout,
     physical_cores,
 )
-from .images import DEFAULT_MAX_PIXELS, Preprocessing, decode_image, open_image
+from .images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, Preprocessing, decode_image, open_image
 from .masking import (
     DEFAULT_SCORE_INIT,
     DEFAULT_THRESHOLD,
@@ -95,6 +96,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_FORMATS",
     "DEFAULT_SCORE_INIT",
     "DEFAULT_THRESHOLD",
     "FORMAT_VERSION",
@@ -162,6 +164,7 @@ __all__ = [
     "auto_dtype",
     "auto_workers",
     "available_memory_bytes",
+    "cgroup_cpu_limit",
     "dtype_name",
     "attach_scores",
     "binarize",

@@ -433,14 +433,13 @@ class Engine:
             },
             file=task,
         )
-        with self._lock:
+        with self._lock:  # the swap and the old version's eviction are one step for _cache_put
             previous = self._tasks.get(task.name)
             self._tasks[task.name] = loaded
-        if previous is not None:
-            self.cache.evict(task.name)
-        if self.cache.is_pinned(task.name) and not self.cache.put(
-            (loaded.name, loaded.version), self.build_weights(loaded)
-        ):
+            if previous is not None:
+                self.cache.evict(task.name)
+        pinned = self.cache.is_pinned(task.name)
+        if pinned and not self._cache_put(loaded, self.build_weights(loaded)) and self._tasks.get(task.name) is loaded:
             # the task is served all the same, its weights built per batch; the registration stands
             log.warning("task %r is no longer pinned: its built weights do not fit the cache budget", task.name)
             self.cache.unpin(task.name)
@@ -452,8 +451,18 @@ class Engine:
                 removed = self._tasks.pop(name)
             except KeyError:
                 raise TaskNotFoundError(task=name) from None
-        self.cache.forget(name)
+            self.cache.forget(name)
         return removed
+
+    def _cache_put(self, task: LoadedTask, weights: dict[str, Tensor], *, only_free: bool = False) -> bool:
+        """Cache ``task``'s built weights only while it is the version served: a batch admitted
+        before a replacement or a removal finishes with the old version but never caches it (a
+        pinned name would otherwise hold an old version's weights for ever)."""
+        with self._lock:
+            if self._tasks.get(task.name) is not task:
+                return False
+            put = self.cache.put_if_free if only_free else self.cache.put
+            return put((task.name, task.version), weights)
 
     def build_weights(self, task: str | LoadedTask) -> dict[str, Tensor]:
         """Every masked weight of ``task`` built (``weight * mask`` in the compute dtype)."""
@@ -467,7 +476,7 @@ class Engine:
         pinned at once. EngineError (nothing pinned) if they do not fit the budget."""
         task = self.get_task(name)
         self.cache.pin(name)
-        if not self.cache.put((task.name, task.version), self.build_weights(task)):
+        if not self._cache_put(task, self.build_weights(task)):
             self.cache.unpin(name)
             raise EngineError(
                 f"task {name!r} cannot be pinned: its built weights ({self._weights_nbytes} bytes) do not fit "
@@ -485,7 +494,7 @@ class Engine:
             return False
         if self.cache.resident_bytes(name):
             return True
-        return self.cache.put_if_free((task.name, task.version), self.build_weights(task))
+        return self._cache_put(task, self.build_weights(task), only_free=True)
 
     def residency(self, name: str) -> Residency:
         """Where ``name``'s memory is and how its cache lookups went."""
@@ -595,7 +604,7 @@ class Engine:
                 logits = [F.linear(features[a:b], t.head_weight, t.head_bias).float() for a, b, t in segments]
         for t, fresh in zip(tasks, plan.fresh, strict=True):
             if fresh is not None and len(fresh) == len(t.masks):
-                self.cache.put((t.name, t.version), fresh)
+                self._cache_put(t, fresh)
         return logits
 
 

@@ -10,6 +10,7 @@ or later; float16 runs everywhere.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "auto_dtype",
     "auto_workers",
     "available_memory_bytes",
+    "cgroup_cpu_limit",
     "dtype_name",
     "native_bf16",
     "parse_dtype",
@@ -32,6 +34,7 @@ __all__ = [
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CPU_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 LAYOUTS = ("auto", "channels_last", "contiguous")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")  # the container's own cgroup, in a cgroup namespace
 
 
 @functools.cache
@@ -89,15 +92,38 @@ def parse_layout(name: str, arch: str) -> bool:
     return get_backbone_spec(arch).channels_last if name == "auto" else name == "channels_last"
 
 
-def _read_int(path: str) -> int | None:
+def _read_text(path: Path) -> str | None:
     try:
-        text = Path(path).read_text().strip()
-    except OSError:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() else None  # "max" (no limit) and the like: None
 
 
-def available_memory_bytes() -> int:
+def _read_int(path: Path) -> int | None:
+    """The whole number a file holds, or None: absent, unreadable, or anything else ("max", "-1")."""
+    return _to_int(_read_text(path))
+
+
+def _to_int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isascii() and text.isdigit() else None
+
+
+def cgroup_cpu_limit(root: Path = _CGROUP_ROOT) -> float | None:
+    """CPUs' worth of time the container's CPU quota gives each period (quota / period: 1.5 for
+    150 ms of every 100 ms), or None where there is no quota: cgroup v2 ``cpu.max`` (``max 100000``:
+    none), else v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota ``-1``: none) under ``cpu/``
+    or ``cpu,cpuacct/``. A file absent, unreadable or malformed counts as no quota."""
+    fields = (_read_text(root / "cpu.max") or "").split()
+    quotas = [fields] if len(fields) == 2 else []
+    for controller in ("cpu", "cpu,cpuacct"):
+        quotas.append([_read_text(root / controller / f"cpu.cfs_{f}_us") or "" for f in ("quota", "period")])
+    for quota, period in ((_to_int(q), _to_int(p)) for q, p in quotas):
+        if quota and period:  # neither None nor 0
+            return quota / period
+    return None
+
+
+def available_memory_bytes(*, cgroup_root: Path = _CGROUP_ROOT) -> int:
     """Memory this process can still take: the kernel's MemAvailable, or the container's headroom
     (cgroup v2 ``memory.max - memory.current``, or v1's limit minus usage) where that is lower."""
     available = None
@@ -113,23 +139,27 @@ def available_memory_bytes() -> int:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             available = 0
-    for limit_path, usage_path in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    for limit_name, usage_name in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
     ):
-        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        limit, usage = _read_int(cgroup_root / limit_name), _read_int(cgroup_root / usage_name)
         if limit is not None and usage is not None and limit < 1 << 60:
             available = min(available, max(0, limit - usage))
             break
     return available
 
 
-def physical_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; hyper-threads count as cores)."""
+def physical_cores(*, cgroup_root: Path = _CGROUP_ROOT) -> int:
+    """CPU cores this process may run on: its affinity mask (hyper-threads count as cores), or fewer
+    where the container's CPU quota gives less time (:func:`cgroup_cpu_limit`, rounded up): in a
+    4-CPU container on a 128-core node, 4, not 128 threads that the quota would throttle."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
 
 
 def auto_workers(device: torch.device | str, workers: int | None = None, threads: int | None = None) -> tuple[int, int]:

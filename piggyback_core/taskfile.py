@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -62,6 +63,8 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MAX_HEADER_BYTES",
+    "MAX_HEADER_DEPTH",
+    "MAX_METADATA_DEPTH",
     "LayerInfo",
     "TaskFile",
 ]
@@ -70,6 +73,11 @@ FORMAT_NAME = "piggyback-task"
 FORMAT_VERSION = "1"
 BIT_ORDER = "row-major, lsb-first"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# JSON nesting allowed in the header (a safetensors header nests 3 deep: the header object, a
+# tensor's entry, its shape and offsets) and in a JSON metadata value (provenance is the caller's):
+# json.loads recurses once per level and raises RecursionError, no ValueError, on a deep document.
+MAX_HEADER_DEPTH = 8
+MAX_METADATA_DEPTH = 32
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NORM_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
@@ -431,7 +439,8 @@ def _tensor_views(data: bytearray, header: dict[str, Any]) -> dict[str, Tensor]:
             continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise TaskFileFormatError(f"not a valid safetensors file: entry {name!r} is malformed")
-        dtype, shape, offsets = _ST_DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
+        dtype = _ST_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None  # a list: unhashable
+        shape, offsets = entry["shape"], entry["data_offsets"]
         if dtype is None:
             raise TaskFileFormatError(f"not a valid safetensors file: tensor {name!r} has dtype {entry['dtype']!r}")
         ints = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
@@ -450,7 +459,10 @@ def _tensor_views(data: bytearray, header: dict[str, Any]) -> dict[str, Tensor]:
             if numel
             else torch.empty(0, dtype=dtype)
         )
-        views[name] = flat.view(shape)
+        try:
+            views[name] = flat.view(shape)
+        except (RuntimeError, TypeError) as exc:  # an empty tensor with a dimension past int64
+            raise TaskFileFormatError(f"not a valid safetensors file: tensor {name!r} has shape {shape}") from exc
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
@@ -474,9 +486,12 @@ def _read_metadata(data: bytes | bytearray) -> tuple[dict[str, str], dict[str, A
         raise TaskFileFormatError(f"not a task file: header claims {n} bytes (limit {MAX_HEADER_BYTES})")
     if 8 + n > len(data):
         raise TaskFileFormatError(f"truncated task file: header claims {n} bytes, file has {len(data) - 8}")
+    raw = bytes(data[8 : 8 + n])
+    if _nested_deeper_than(raw, MAX_HEADER_DEPTH):
+        raise TaskFileFormatError(f"not a task file: header nested deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = _loads(raw)
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, ...
         raise TaskFileFormatError(f"not a task file: header is not JSON ({exc})") from exc
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -500,10 +515,50 @@ def _read_metadata(data: bytes | bytearray) -> tuple[dict[str, str], dict[str, A
     return meta, header
 
 
+_NOT_SYNTAX = bytes(b for b in range(256) if b not in b'"[]{}')
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+_STRING = re.compile(rb'"[^"]*"')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how JSON writes a surrogate (a lone one or a pair)
+
+
+def _nested_deeper_than(text: bytes, limit: int) -> bool:
+    """Whether the JSON ``text`` nests arrays and objects more than ``limit`` deep, found in a few
+    passes at C speed (no Python loop over the bytes). Exact for valid JSON; where it says False
+    about invalid JSON, json.loads recurses at most ``2 * limit`` deep before it refuses the text."""
+    # Escapes as JSON reads them, left to right: '\\' then '\"' (others hold no quote); then only
+    # quotes and brackets kept, '{}' read as '[]'; then the strings dropped with their brackets.
+    # Dropping '""' first changes no bracket's side of a quote, and leaves few strings to match.
+    s = text.replace(b"\\\\", b"").replace(b'\\"', b"").translate(_ONE_BRACKET, _NOT_SYNTAX)
+    s = _STRING.sub(b"", s.replace(b'""', b"")).replace(b'"', b"")  # an unclosed string's brackets count
+    for _ in range(limit):  # a pass drops the innermost pairs: a balanced text d deep is gone after d
+        before = len(s)
+        s = s.replace(b"[]", b"")
+        if len(s) == before:
+            break
+    # What is left: pairs that nest deeper than the limit, or brackets that pair with none
+    return b"[]" in s or s.count(b"[") > limit
+
+
+def _loads(text: bytes) -> Any:
+    """``json.loads`` of UTF-8 (never UTF-16 or -32, which it would detect and which the depth check
+    does not read), refusing a lone surrogate (``"\\ud800"``) with a ValueError: it is no text, no
+    UTF-8 encoder takes it, and a JSON response holding it (a label, a name in an error) would fail."""
+    value = json.loads(text.decode("utf-8"))
+    if _SURROGATE_ESCAPE.search(text):  # rare: the costlier check only then (a pair, an emoji, is fine)
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("it holds a lone surrogate, which is not text") from None
+    return value
+
+
 def _parse_json(raw: str, what: str, kind: type, task: str) -> Any:
+    text = raw.encode("utf-8", "surrogatepass")  # a surrogate raw in the header: json.loads refuses it
+    if _nested_deeper_than(text, MAX_METADATA_DEPTH):
+        raise TaskFileFormatError(f"metadata {what!r} nested deeper than {MAX_METADATA_DEPTH} levels", task=task)
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        value = _loads(text)
+    except (ValueError, RecursionError) as exc:
         raise TaskFileFormatError(f"metadata {what!r} is not JSON: {exc}", task=task) from exc
     if not isinstance(value, kind):
         raise TaskFileFormatError(f"metadata {what!r} is not a JSON {kind.__name__}", task=task)
@@ -516,7 +571,7 @@ def _parse_preprocessing(raw: str | None, task: str) -> Preprocessing | None:
     value = _parse_json(raw, "preprocessing", dict, task)
     try:
         return Preprocessing.from_dict(value)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: int(1e999)
         raise TaskFileFormatError(f"metadata 'preprocessing' is malformed: {exc}", task=task) from exc
 
 

@@ -143,3 +143,12 @@ def test_squash_resizes_to_the_crop_ignoring_the_aspect_ratio_and_keeps_the_whol
     assert "resize_mode" not in Preprocessing().to_dict()  # default files are unchanged
     with pytest.raises(ValueError, match="resize mode"):
         Preprocessing(resize_mode="stretch")
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "SGI", "ICO"])
+def test_formats_pillow_knows_but_the_server_does_not_list_are_never_decoded(fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buf, format=fmt)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == fmt  # Pillow itself would decode it
+    with pytest.raises(ImageDecodeError, match="supported format"):
+        decode_image(buf.getvalue())

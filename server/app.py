@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
 
 from piggyback_core import PiggybackError, __version__, auto_workers, dtype_name
 
@@ -29,7 +32,7 @@ from .metrics import Metrics
 from .routes import classify, ops, tasks, v2
 from .services import Services, build_services, device_of
 from .settings import Settings, get_settings
-from .transport import Lifecycle, RequestGuard
+from .transport import BodyBudget, Lifecycle, RequestGuard
 
 __all__ = ["STATUS_BY_ERROR", "Services", "create_app"]
 
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await services.batcher.start()
                 app.state.services = services
                 metrics.refresh_tasks(services.engine)
+                metrics.store_failed_tasks.set(len(services.registry.failed))
                 metrics.ready.set(1)
                 engine = services.engine
                 metrics.compute_info.labels(dtype_name(engine.dtype), engine.layout).set(1)
@@ -94,20 +98,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     on_fatal(exc)
 
         async def poll_store() -> None:
+            """Picks up other replicas' changes. Survives anything: a poll that fails is logged,
+            counted and shown on /readyz, and the next one runs as planned."""
             while True:
                 await asyncio.sleep(settings.store_poll_s)
                 services = app.state.services
                 if services is None:
                     continue
+                health = services.store_health
                 try:
                     # Its own thread: listing 10,000 files takes 0.1-0.25 s, which a worker would
                     # lose every poll (single-threaded torch there: no second OpenMP pool).
                     report = await loop.run_in_executor(store_thread, services.registry.sync)
-                except PiggybackError as exc:
-                    log.error("store sync failed: %s", exc)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if isinstance(exc, PiggybackError):
+                        log.error("store sync failed: %s", exc)
+                    else:
+                        log.exception("store sync failed: %s", exc)
+                    health.last_error, health.last_error_at = f"{type(exc).__name__}: {exc}", time.time()
+                    metrics.store_sync_errors.inc()
                     continue
+                health.last_success, health.last_error, health.last_error_at = time.time(), None, None
+                health.held_removals = len(report.held)
+                metrics.store_sync_success.set(health.last_success)
+                metrics.store_held_removals.set(len(report.held))
+                metrics.store_failed_tasks.set(len(services.registry.failed))
                 metrics.store_syncs.labels("loaded").inc(len(report.loaded))
                 metrics.store_syncs.labels("removed").inc(len(report.removed))
+                metrics.store_syncs.labels("failed").inc(len(report.failed))
                 if report.loaded or report.removed:
                     log.info("store sync: loaded %s, removed %s", report.loaded, report.removed)
                     metrics.refresh_tasks(services.engine)
@@ -159,7 +179,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lifecycle = lifecycle = Lifecycle()
     app.state.services = None
     app.state.startup_error = None
-    app.add_middleware(RequestGuard, body_timeout_s=settings.body_timeout_s, lifecycle=lifecycle)
+    app.state.body_budget = body_budget = BodyBudget(settings.max_body_bytes_in_flight)
+    metrics.watch_body_budget(body_budget)
+    app.add_middleware(
+        RequestGuard, body_timeout_s=settings.body_timeout_s, lifecycle=lifecycle, body_budget=body_budget
+    )
 
     @app.exception_handler(PiggybackError)
     async def domain_error(request: Request, exc: PiggybackError) -> JSONResponse:
@@ -177,6 +201,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if request.url.path.startswith("/v2"):
             return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
         return error_response(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, exc: HTTPException) -> Response:
+        """No route (404) or no such method (405, with ``Allow``): under /v2 in the protocol's body,
+        which Triton's clients read; elsewhere FastAPI's ``{"detail": ...}``."""
+        if request.url.path.startswith("/v2"):
+            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

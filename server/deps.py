@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -34,6 +35,7 @@ from piggyback_core import (
 from .errors import (
     AuthenticationError,
     BadRequestError,
+    BodyBudgetError,
     ClientDisconnectedError,
     DeadlineExceededError,
     DrainingError,
@@ -57,6 +59,8 @@ __all__ = [
     "ManagementAuth",
     "MetricsDep",
     "Observed",
+    "OpsAuth",
+    "ReadAuth",
     "ServicesDep",
     "SettingsDep",
     "TaskName",
@@ -89,6 +93,7 @@ STATUS_BY_ERROR: dict[type[PiggybackError], int] = {
     AuthenticationError: 401,
     ManagementDisabledError: 403,
     QueueFullError: 503,
+    BodyBudgetError: 503,
     NotReadyError: 503,
     DeadlineExceededError: 504,
     StoreError: 503,
@@ -110,6 +115,9 @@ def error_headers(exc: PiggybackError) -> dict[str, str] | None:
         return {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, NotReadyError):
         return {"Retry-After": "5"}
+    if isinstance(exc, BodyBudgetError):
+        # the rest of the body is never read: close the connection instead of draining it
+        return {"Retry-After": str(exc.retry_after_s), "Connection": "close"}
     if isinstance(exc, RequestTimeoutError):
         return {"Connection": "close"}  # the rest of the body may never come: drop the connection
     return None
@@ -118,6 +126,8 @@ def error_headers(exc: PiggybackError) -> dict[str, str] | None:
 def services_of(request: Request) -> Services:
     """The app's services once loaded and warmed up; NotReadyError (503) before."""
     if request.app.state.lifecycle.draining:
+        # refused before any handler runs: the access line is written here, with its request id
+        _access_line(request, request.url.path, task="", status=503, latency_ms=0.0, batch_size=0)
         raise DrainingError()
     services: Services | None = request.app.state.services
     if services is None:
@@ -167,23 +177,38 @@ def _digest(secret: SecretStr | None) -> bytes | None:
 @dataclass(frozen=True)
 class Auth:
     """The configured tokens as SHA-256 digests, hashed once: compared in constant time and
-    constant length, so a comparison reveals neither a token nor its length."""
+    constant length, so a comparison reveals neither a token nor its length.
+
+    The rule: management (``PUT``/``DELETE /tasks``) needs the management token. With a classify
+    token set, everything that reads task data (``/classify``, ``GET /tasks``, ``/v2/models``)
+    needs a token: the classify token, or the management token for the reads of ``/tasks``.
+    ``/metrics``, ``/healthz``, ``/readyz`` and ``/v2``'s server and health routes stay open unless
+    ``ops_need_token`` closes them too (then with the same tokens as the reads)."""
 
     management: bytes | None
     classify: bytes | None
     allow_unauthenticated: bool
+    ops: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Auth:
-        return cls(_digest(settings.token), _digest(settings.classify_token), settings.allow_unauthenticated)
+        return cls(
+            _digest(settings.token),
+            _digest(settings.classify_token),
+            settings.allow_unauthenticated,
+            settings.ops_need_token,
+        )
 
 
-def _require_bearer(request: Request, expected_digest: bytes) -> None:
+def _require_bearer(request: Request, *expected_digests: bytes | None) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise AuthenticationError("missing bearer token (Authorization: Bearer <token>)")
-    if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected_digest):
+    digest = hashlib.sha256(presented.encode()).digest()
+    # every configured token is compared (no early exit): the time does not tell which one matched
+    matches = [hmac.compare_digest(digest, expected) for expected in expected_digests if expected is not None]
+    if not any(matches):
         raise AuthenticationError("invalid bearer token")
 
 
@@ -201,8 +226,22 @@ def _classify_auth(request: Request) -> None:
         _require_bearer(request, auth.classify)
 
 
+def _read_auth(request: Request) -> None:
+    auth: Auth = request.app.state.auth
+    if auth.classify is not None:
+        _require_bearer(request, auth.classify, auth.management)
+
+
+def _ops_auth(request: Request) -> None:
+    auth: Auth = request.app.state.auth
+    if auth.ops and auth.classify is not None:
+        _require_bearer(request, auth.classify, auth.management)
+
+
 ManagementAuth = Depends(_management_auth)
 ClassifyAuth = Depends(_classify_auth)
+ReadAuth = Depends(_read_auth)  # reads of task data (GET /tasks)
+OpsAuth = Depends(_ops_auth)  # /metrics, /healthz, /readyz and /v2's server routes
 
 
 # --- bodies --------------------------------------------------------------------------------------
@@ -254,11 +293,13 @@ async def observe(request: Request, metrics: Metrics, route: str, task: str) -> 
         metrics.requests.labels(record.label, str(record.status)).inc()
         if record.status == 200:
             metrics.request_seconds.labels(record.label).observe(elapsed)
-        fields: dict[str, Any] = {
-            "task": task[:64],
-            "status": record.status,
-            "latency_ms": round(elapsed * 1000, 1),
-            "batch_size": record.batch_size,
-            "request_id": getattr(request.state, "request_id", None),
-        }
-        access_log.info("%s %s", route, " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
+        _access_line(request, route, task=task, status=record.status, latency_ms=round(elapsed * 1000, 1),
+                     batch_size=record.batch_size)  # fmt: skip
+
+
+def _access_line(request: Request, route: str, *, task: str, **fields: Any) -> None:
+    """One access-log line. The task names come from the client and may not be valid yet: they are
+    percent-encoded (a ``%0A`` in ``?tasks=`` cannot forge a line, a space cannot forge a field)."""
+    line: dict[str, Any] = {"task": urllib.parse.quote(task[:256], safe=",")[:256], **fields}
+    line["request_id"] = getattr(request.state, "request_id", None)
+    access_log.info("%s %s", route, " ".join(f"{k}={v}" for k, v in line.items()), extra={"fields": line})

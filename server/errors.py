@@ -5,6 +5,7 @@ PiggybackError
     ├── NotReadyError               the backbone is still loading or warming up   -> 503
     │   └── DrainingError           the server is shutting down (SIGTERM)         -> 503 + Retry-After
     ├── QueueFullError              the request queue is at its bound             -> 503 + Retry-After
+    ├── BodyBudgetError             request bodies in flight at their byte budget -> 503 + Retry-After, closed
     ├── DeadlineExceededError       the request waited past its deadline          -> 504
     ├── PayloadTooLargeError        a body over the upload limit                  -> 413
     ├── UnsupportedMediaTypeError   not an image/* body nor multipart with 'image' -> 415
@@ -22,6 +23,7 @@ from piggyback_core import PiggybackError
 
 __all__ = [
     "AuthenticationError",
+    "BodyBudgetError",
     "BadRequestError",
     "ClientDisconnectedError",
     "DeadlineExceededError",
@@ -51,6 +53,13 @@ class QueueFullError(ServerError):
         self.limit = limit
         self.retry_after_s = retry_after_s
         super().__init__(f"the server is at capacity ({limit} requests queued); retry shortly")
+
+
+class BodyBudgetError(ServerError):
+    def __init__(self, *, limit: int, retry_after_s: int = 1) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the server holds {limit} bytes of request bodies already; retry shortly")
 
 
 class DeadlineExceededError(ServerError):

@@ -13,6 +13,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from piggyback_core import Engine
 
+    from .transport import BodyBudget
+
 __all__ = ["OTHER_TASKS", "Metrics"]
 
 OTHER_TASKS = "_other"  # the task label of every task past the per-task series bound
@@ -45,6 +47,26 @@ class _CacheCollector(Collector):
         )
         yield CounterMetricFamily(
             "piggyback_weight_cache_evictions", "Built weights evicted for the budget", value=cache.evictions
+        )
+
+
+class _BodyBudgetCollector(Collector):
+    """The request-body byte budget, read at scrape time."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "piggyback_request_body_bytes_in_flight", "Request-body bytes held now", value=self.budget.held
+        )
+        yield GaugeMetricFamily(
+            "piggyback_request_body_budget_bytes", "Budget of request-body bytes held at once", value=self.budget.limit
+        )
+        yield CounterMetricFamily(
+            "piggyback_request_body_budget_refusals",
+            "Requests answered 503 because the body budget was spent",
+            value=self.budget.refused,
         )
 
 
@@ -99,6 +121,22 @@ class Metrics:
             ["change"],
             registry=r,
         )
+        self.store_sync_errors = Counter(
+            "piggyback_store_sync_errors_total", "Store polls that failed (the poller goes on)", registry=r
+        )
+        self.store_sync_success = Gauge(
+            "piggyback_store_sync_last_success_timestamp_seconds",
+            "Unix time of the last store poll that succeeded",
+            registry=r,
+        )
+        self.store_failed_tasks = Gauge(
+            "piggyback_store_tasks_failed", "Task files in the store that cannot be served", registry=r
+        )
+        self.store_held_removals = Gauge(
+            "piggyback_store_held_removals",
+            "Tasks whose removal is held until the store lists the same twice",
+            registry=r,
+        )
         self.ready = Gauge("piggyback_ready", "1 once the backbone is loaded and warmed up", registry=r)
         self.compute_info = Gauge(
             "piggyback_compute_info",
@@ -124,6 +162,9 @@ class Metrics:
         if not self._engine_watched:
             self.registry.register(_CacheCollector(engine))
             self._engine_watched = True
+
+    def watch_body_budget(self, budget: BodyBudget) -> None:
+        self.registry.register(_BodyBudgetCollector(budget))
 
     def refresh_tasks(self, engine: Engine) -> None:
         """The task gauges, after the set of tasks changed."""

@@ -11,10 +11,19 @@
   task object and finish with it.
 * ``sync`` compares the store's snapshot with what this replica loaded and applies the difference:
   what another replica registered or deleted is served here within one poll interval.
+* **An empty listing is not an empty store.** A sync that would remove ``removal_guard`` of the
+  tasks or more at once (default 1.0: every task) is held until the next sync lists exactly the
+  same; an unmounted volume or an S3 permission change then costs nothing (the removals are held,
+  logged loudly, and counted), and a real mass deletion is applied one poll later. Additions and
+  changes in the same listing are applied at once.
+* **One file is never the process's problem.** Any failure to read one task file (a hostile
+  header, a bug in a parser) is that file's error: logged, reported in ``failed``, skipped.
 * ``start_background`` is the start-up load of ``ready_after=backbone``: every task of the store is
   read on a pool while the server already serves; ``ensure`` loads a task that is still pending at
-  once, in the caller's thread (its first request waits for that task only, about 10 ms for a
-  ResNet-50 task), and a registration or deletion of a pending task wins over its background load.
+  once, in the caller's thread (its first request waits for that task only), and a registration or
+  deletion of a pending task wins over its background load. A pending task is read by exactly one
+  thread (whoever claims it first), and it leaves ``pending`` only once it is in the engine (or
+  known broken), so a request never sees it in neither.
 
 All methods are blocking (disk, validation); the app calls them from a worker thread. One lock
 serialises them, so a sync never races a registration on this replica.
@@ -25,7 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from piggyback_core import (
     Engine,
@@ -33,6 +42,7 @@ from piggyback_core import (
     MaskStore,
     PiggybackError,
     TaskFile,
+    TaskFileError,
     TaskNotFoundError,
     diff_snapshots,
     validate_task_name,
@@ -54,16 +64,32 @@ class SyncReport:
     loaded: list[str]
     removed: list[str]
     failed: dict[str, str]
+    held: list[str] = field(default_factory=list)  # removals held for a second identical listing
+
+
+@dataclass
+class _Pending:
+    """A task of the start-up snapshot not yet applied: read by whoever claims it first."""
+
+    future: Future[None] | None
+    version: str
+    claimed: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class TaskRegistry:
-    def __init__(self, engine: Engine, store: MaskStore) -> None:
+    def __init__(self, engine: Engine, store: MaskStore, *, removal_guard: float = 1.0) -> None:
+        if not 0 < removal_guard <= 1:
+            raise ValueError(f"removal_guard must be in (0, 1], got {removal_guard}")
         self.engine = engine
         self.store = store
+        self.removal_guard = removal_guard
         self._lock = threading.Lock()
+        self._claim_lock = threading.Lock()
         self._versions: dict[str, str] = {}  # store version of what the engine holds, per task
         self.failed: dict[str, str] = {}  # tasks in the store that could not be loaded, and why
-        self._pending: dict[str, tuple[Future[None], str]] = {}  # background loads not yet applied
+        self._pending: dict[str, _Pending] = {}  # background loads not yet applied
+        self._held: dict[str, str] | None = None  # the listing whose mass removal waits for a second one
 
     @property
     def loading(self) -> int:
@@ -82,6 +108,9 @@ class TaskRegistry:
             task.check_compatible(self.engine.backbone)
         except PiggybackError as exc:
             return exc
+        except Exception as exc:  # a bug meeting a hostile file: that file's error, never the process's
+            log.exception("task %r: unexpected error while reading it", name)
+            return TaskFileError(f"task {name!r} cannot be read: {type(exc).__name__}: {exc}")
         return task, blob.version
 
     def _apply(self, name: str, outcome: tuple[TaskFile, str] | PiggybackError, listed: str) -> bool:
@@ -105,32 +134,49 @@ class TaskRegistry:
             snapshot = self.store.snapshot()
             for name, version in snapshot.items():
                 if name not in self._versions:
-                    self._pending[name] = (pool.submit(self._load_pending, name), version)
+                    entry = self._pending[name] = _Pending(None, version)
+                    entry.future = pool.submit(self._load_pending, name, entry)
             return len(snapshot)
 
-    def _load_pending(self, name: str) -> None:
-        outcome = self._read(name)  # outside the lock: in parallel
-        with self._lock:
-            pending = self._pending.pop(name, None)
-            if pending is not None:  # else a registration or deletion came first, and wins
-                self._apply(name, outcome, pending[1])
+    def _load_pending(self, name: str, entry: _Pending) -> None:
+        with self._claim_lock:
+            if entry.claimed:
+                return  # another thread reads it
+            entry.claimed = True
+        try:
+            outcome = self._read(name)  # outside the lock: in parallel
+            with self._lock:
+                if self._pending.get(name) is entry:  # else a registration or deletion came first, and wins
+                    self._apply(name, outcome, entry.version)
+                    del self._pending[name]  # only now: a reader sees it pending or applied, never neither
+        finally:
+            entry.done.set()
 
     def ensure(self, name: str) -> None:
-        """If ``name`` is still pending, load it now (in this thread, unless a loader has it
-        already, which this then waits for)."""
-        pending = self._pending.get(name)
-        if pending is None:
+        """If ``name`` is still pending, load it now in this thread, or wait for the thread that
+        reads it already."""
+        entry = self._pending.get(name)
+        if entry is None:
             return
-        if pending[0].cancel():
-            self._load_pending(name)
-        else:
-            pending[0].result()
+        if entry.future is not None:
+            entry.future.cancel()  # the background loader need not start it
+        self._load_pending(name, entry)
+        entry.done.wait()
+        with self._lock:  # a registration or deletion that won over the load has finished too
+            pass
 
     def _drop_pending(self, name: str) -> bool:
-        pending = self._pending.pop(name, None)
-        if pending is not None:
-            pending[0].cancel()
-        return pending is not None
+        """Under the lock: a registration or deletion of ``name`` wins over its pending load."""
+        entry = self._pending.pop(name, None)
+        if entry is None:
+            return False
+        if entry.future is not None:
+            entry.future.cancel()
+        with self._claim_lock:
+            if not entry.claimed:  # nobody will read it: release whoever waits in ensure
+                entry.claimed = True
+                entry.done.set()
+        return True
 
     def sync(self, pool: Executor | None = None) -> SyncReport:
         """Load what the store has and the engine lacks (or holds in another version); drop what
@@ -139,6 +185,7 @@ class TaskRegistry:
         with self._lock:
             snapshot = self.store.snapshot()
             changes = diff_snapshots(self._versions, snapshot)
+            held = self._hold_mass_removal(snapshot, changes.removed)
             todo = [
                 n
                 for n in [*changes.added, *changes.changed]
@@ -151,7 +198,8 @@ class TaskRegistry:
                     loaded.append(name)
                 elif not isinstance(outcome, TaskNotFoundError):
                     failed[name] = str(outcome)
-            for name in changes.removed:
+            removed = [] if held else changes.removed
+            for name in removed:
                 self._versions.pop(name, None)
                 self.failed.pop(name, None)
                 try:
@@ -161,7 +209,25 @@ class TaskRegistry:
             # a broken file that was deleted from the store, or repaired, stops being reported
             for name in [n for n in self.failed if n not in snapshot]:
                 del self.failed[name]
-            return SyncReport(loaded=loaded, removed=changes.removed, failed=failed)
+            return SyncReport(loaded=loaded, removed=removed, failed=failed, held=held)
+
+    def _hold_mass_removal(self, snapshot: dict[str, str], removed: list[str]) -> list[str]:
+        """The removals to hold back (under the lock): all of them when they are ``removal_guard``
+        of the tasks or more and the previous sync did not list exactly the same; else none."""
+        served = len(self._versions)
+        if not removed or len(removed) < self.removal_guard * served:
+            self._held = None
+            return []
+        if self._held == snapshot:
+            self._held = None
+            log.warning("store sync: the store listed the same twice in a row; removing %d of %d task(s)",
+                        len(removed), served)  # fmt: skip
+            return []
+        self._held = dict(snapshot)
+        log.error("store sync: the store lists %d task(s) where %d are served; holding the removal of %d until "
+                  "the next listing is the same (an unmounted volume or a lost permission looks like this)",
+                  len(snapshot), served, len(removed))  # fmt: skip
+        return list(removed)
 
     def register(self, name: str, data: bytes) -> Registration:
         """Validate ``data`` as task ``name`` for this backbone, store it, serve it."""

@@ -14,6 +14,7 @@ __all__ = [
     "MultiTaskResponse",
     "PredictionPublic",
     "ReadyResponse",
+    "StoreSyncPublic",
     "TaskListResponse",
     "TaskPublic",
     "TaskResultPublic",
@@ -92,6 +93,13 @@ class HealthResponse(BaseModel):
     status: str
 
 
+class StoreSyncPublic(BaseModel):
+    last_success_unix_s: float | None = Field(description="when a poll last succeeded (Unix time)")
+    last_error: str | None = Field(description="the last poll's error; null once a poll succeeds again")
+    last_error_unix_s: float | None
+    held_removals: int = Field(description="tasks whose removal is held until the store lists the same twice")
+
+
 class ReadyResponse(BaseModel):
     status: str
     backbone: str
@@ -105,6 +113,8 @@ class ReadyResponse(BaseModel):
     workers: int = Field(description="batches computed at once")
     worker_threads: int = Field(description="intra-op threads of each worker")
     cache_budget_bytes: int = Field(description="byte budget of the built-weights cache")
+    tasks_failed: int = Field(0, description="task files in the store that cannot be served (GET /tasks lists them)")
+    store: StoreSyncPublic | None = Field(None, description="the store poll's last outcome")
 
 
 class ErrorResponse(BaseModel):

@@ -33,9 +33,19 @@ from .metrics import Metrics
 from .registry import TaskRegistry
 from .settings import Settings
 
-__all__ = ["Services", "build_services", "device_of"]
+__all__ = ["Services", "StoreHealth", "build_services", "device_of"]
 
 log = logging.getLogger("piggyback.server")
+
+
+@dataclass
+class StoreHealth:
+    """The store poll's last outcome (``/readyz`` and the metrics show it)."""
+
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    held_removals: int = 0
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Services:
     # ready_after=backbone: the background loaders, and the threads that load a pending task at
     # once for a request that needs it (not queued behind the others)
     loaders: list[ThreadPoolExecutor] = field(default_factory=list)
+    store_health: StoreHealth = field(default_factory=StoreHealth)
 
     async def task(self, name: str) -> LoadedTask:
         """``name`` as the engine serves it; a task still loading in the background is loaded now."""
@@ -98,7 +109,7 @@ def build_services(settings: Settings, metrics: Metrics, device_thread: ThreadPo
         channels_last=parse_layout(settings.layout, settings.backbone),
         mixed_path=settings.mixed_path,
     )
-    registry = TaskRegistry(engine, open_store(settings.store))
+    registry = TaskRegistry(engine, open_store(settings.store), removal_guard=settings.store_removal_guard)
 
     # Reading and validating the files runs in parallel (single-threaded torch in each, so no
     # second OpenMP pool; the checksum and the read release the GIL); the engine takes the tasks

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = Field(False, description="accept management calls without a token (dev only)")
     classify_token: SecretStr | None = Field(None, description="if set, /classify needs this bearer token")
     classify_token_file: Path | None = Field(None, description="read the classify token from this file")
+    ops_need_token: bool = Field(
+        False,
+        description="with a classify token, /metrics, /healthz, /readyz and the /v2 server and health routes need "
+        "it too (probes and scrapers then send it); without one they stay open",
+    )
     max_batch_size: int | None = Field(
         None, ge=1, le=4096, description="requests per batch at most; default: 8 on CPU, 32 on CUDA"
     )
@@ -61,11 +66,24 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_task_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_body_bytes_in_flight: int = Field(
+        1024 * 1024 * 1024,
+        ge=1,
+        description="request-body bytes held at once, over every connection; past it, a request gets 503 with "
+        "Retry-After and its connection closes (at least max_task_bytes and max_image_bytes + 64 KiB)",
+    )
     max_images_per_request: int = Field(
         16, ge=1, le=1024, description="images in one classify or v2 infer request at most"
     )
     max_tasks_per_request: int = Field(16, ge=1, le=256, description="tasks in one POST /classify?tasks= at most")
     store_poll_s: float = Field(2.0, gt=0, description="how often the store is checked for other replicas' changes")
+    store_removal_guard: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="a store poll that would remove this share of the served tasks or more at once is applied only "
+        "when the next poll lists exactly the same (1.0: only a listing that removes every task waits)",
+    )
     cache_bytes: int | Literal["auto"] = Field(
         "auto",
         description="budget of the LRU of built task weights, in bytes (0: build them every batch); auto: half of "
@@ -144,6 +162,23 @@ class Settings(BaseSettings):
             if not secret:
                 raise ValueError(f"{field}_file {str(path)!r} is empty")
             object.__setattr__(self, field, SecretStr(secret))  # frozen model: set once, while validating
+        return self
+
+    @model_validator(mode="after")
+    def _limits_that_can_be_met(self) -> Settings:
+        if self.queue_size < self.max_images_per_request:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) is below max_images_per_request ({self.max_images_per_request}): "
+                "a request with that many images could never be queued"
+            )
+        largest = max(self.max_task_bytes, self.max_image_bytes + 64 * 1024)
+        if self.max_body_bytes_in_flight < largest:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) is below the largest body a request may "
+                f"send ({largest} bytes: max_task_bytes, or max_image_bytes and the multipart framing)"
+            )
+        if self.ops_need_token and self.classify_token is None:
+            raise ValueError("ops_need_token needs a classify token (classify_token or classify_token_file)")
         return self
 
     @field_validator("pin_tasks", "metrics_tasks")

@@ -9,6 +9,10 @@
   that waits for the device afterwards is bounded by the request deadline (504) instead.
 * **In-flight count.** The number of requests being handled, so that a draining server knows when
   every admitted request has had its answer.
+* **Body bytes in flight.** Every body byte received counts against one budget for the whole
+  process (``max_body_bytes_in_flight``) until its request has been answered: a request whose bytes
+  would pass it gets ``503`` with ``Retry-After`` and its connection is closed, so 1,000 clients
+  each sending 20 MiB cannot hold 20 GB. A body is only ever held in memory, never spooled to disk.
 
 A bound on concurrent connections (``max_connections``) is uvicorn's ``limit_concurrency``: past
 it, uvicorn answers ``503`` and closes the connection before the app sees the request.
@@ -25,9 +29,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import RequestTimeoutError
+from .errors import BodyBudgetError, RequestTimeoutError
 
-__all__ = ["REQUEST_ID_HEADER", "Lifecycle", "RequestGuard"]
+__all__ = ["REQUEST_ID_HEADER", "BodyBudget", "Lifecycle", "RequestGuard"]
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
@@ -41,11 +45,29 @@ class Lifecycle:
     draining: bool = False  # SIGTERM received: admit nothing new, finish what was admitted
 
 
+@dataclass
+class BodyBudget:
+    """Request-body bytes held at once, over every connection (the event loop's thread only)."""
+
+    limit: int
+    held: int = 0
+    refused: int = 0  # requests answered 503 for it
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            self.refused += 1
+            raise BodyBudgetError(limit=self.limit)
+        self.held += n
+
+
 class RequestGuard:
-    def __init__(self, app: ASGIApp, *, body_timeout_s: float, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self, app: ASGIApp, *, body_timeout_s: float, lifecycle: Lifecycle, body_budget: BodyBudget | None = None
+    ) -> None:
         self.app = app
         self.body_timeout_s = body_timeout_s
         self.lifecycle = lifecycle
+        self.body_budget = body_budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,9 +79,10 @@ class RequestGuard:
         timeout_s = self.body_timeout_s
         deadline = time.monotonic() + timeout_s
         body_done = False
+        budget, held = self.body_budget, 0
 
         async def receive_with_deadline() -> Message:
-            nonlocal body_done
+            nonlocal body_done, held
             if body_done:
                 return await receive()  # after the body: only http.disconnect is left to wait for
             try:
@@ -69,6 +92,10 @@ class RequestGuard:
                 raise RequestTimeoutError(timeout_s=timeout_s) from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
+            if budget is not None and message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                budget.take(size)  # BodyBudgetError: 503, and the rest of the body is never read
+                held += size
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -85,3 +112,5 @@ class RequestGuard:
             await self.app(scope, receive_with_deadline, send_with_id)
         finally:
             self.lifecycle.in_flight -= counted
+            if budget is not None:
+                budget.held -= held

@@ -65,6 +65,9 @@ async def image_parts(request: Request, settings: Settings, *, max_images: int) 
         max_fields=16,
         max_part_size=1024 * 1024,
     )
+    # The parts stay in memory (the body is there already, and counted against the body budget):
+    # Starlette would spool a part over 1 MiB to a temporary file, and /tmp is a small emptyDir.
+    parser.spool_max_size = len(body) + 1
     try:
         try:
             form = await parser.parse()

@@ -9,25 +9,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from piggyback_core import dtype_name
 
-from ..deps import MetricsDep, ServicesDep, errors
+from ..deps import MetricsDep, OpsAuth, ServicesDep, errors
 from ..errors import NotReadyError
-from ..schemas import HealthResponse, ReadyResponse
+from ..schemas import HealthResponse, ReadyResponse, StoreSyncPublic
 
 __all__ = ["router"]
 
-router = APIRouter()
+router = APIRouter(dependencies=[OpsAuth])
 
 
-@router.get("/healthz", response_model=HealthResponse, responses=errors(503), summary="Liveness")
+@router.get("/healthz", response_model=HealthResponse, responses=errors(401, 503), summary="Liveness")
 async def healthz(request: Request) -> HealthResponse:
     if request.app.state.startup_error is not None:  # a failed start is not alive: restart me
         raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
     return HealthResponse(status="ok")
 
 
-@router.get("/readyz", response_model=ReadyResponse, responses=errors(503), summary="Readiness")
+@router.get("/readyz", response_model=ReadyResponse, responses=errors(401, 503), summary="Readiness")
 async def readyz(services: ServicesDep) -> ReadyResponse:
-    engine = services.engine
+    engine, health = services.engine, services.store_health
     return ReadyResponse(
         status="ready",
         backbone=services.backbone.arch,
@@ -41,10 +41,17 @@ async def readyz(services: ServicesDep) -> ReadyResponse:
         workers=services.batcher.policy.workers,
         worker_threads=services.worker_threads,
         cache_budget_bytes=engine.cache.max_bytes,
+        tasks_failed=len(services.registry.failed),
+        store=StoreSyncPublic(
+            last_success_unix_s=health.last_success,
+            last_error=health.last_error,
+            last_error_unix_s=health.last_error_at,
+            held_removals=health.held_removals,
+        ),
     )
 
 
-@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=errors(401), summary="Prometheus metrics")
 async def prometheus(request: Request, metrics: MetricsDep) -> Response:
     services = request.app.state.services
     if services is not None:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from piggyback_core import LoadedTask, PiggybackError, validate_task_name
 
-from ..deps import ManagementAuth, MetricsDep, ServicesDep, SettingsDep, TaskName, errors, read_body
+from ..deps import ManagementAuth, MetricsDep, ReadAuth, ServicesDep, SettingsDep, TaskName, errors, read_body
 from ..schemas import ResidencyPublic, TaskListResponse, TaskPublic, TaskSummaryPublic
 from ..services import Services
 
@@ -37,7 +37,8 @@ def _public(services: Services, task: LoadedTask) -> TaskPublic:
 @router.get(
     "/tasks",
     response_model=TaskListResponse,
-    responses=errors(422, 503),
+    dependencies=[ReadAuth],
+    responses=errors(401, 422, 503),
     summary="List registered tasks, a page at a time",
 )
 async def list_tasks(
@@ -58,7 +59,13 @@ async def list_tasks(
     )
 
 
-@router.get("/tasks/{task}", response_model=TaskPublic, responses=errors(404, 422, 503), summary="One task")
+@router.get(
+    "/tasks/{task}",
+    response_model=TaskPublic,
+    dependencies=[ReadAuth],
+    responses=errors(401, 404, 422, 503),
+    summary="One task",
+)
 async def get_task(task: TaskName, services: ServicesDep) -> TaskPublic:
     return _public(services, await services.task(task))
 

@@ -1,11 +1,25 @@
-"""The Open Inference Protocol (KServe v2) over REST, with Triton's binary tensor data and
-classification extensions: what Triton's, KServe's and Seldon's clients speak.
+"""The Open Inference Protocol (KServe v2) over REST, with Triton's binary tensor data,
+classification and model configuration extensions: what Triton's, KServe's and Seldon's clients and
+Triton's load generator, ``perf_analyzer``, speak.
 
-Every task is a model; its version is the task's version. Inputs (send one):
+Every task is a model; its version is the task's version. Inputs (send exactly one):
 
-* ``image``: ``BYTES [N]`` (or ``[N, 1]``) of encoded images (JPEG, PNG, ...), as Triton's image
+* ``image``: ``BYTES [N, 1]`` (or ``[N]``) of encoded images (JPEG, PNG, ...), as Triton's image
   examples send them; in the JSON form each element is base64;
 * ``pixels``: ``FP32 [N, 3, H, W]``, already preprocessed the task's way (H = W = its crop size).
+
+The model configuration (``GET .../config``) is Triton's JSON of ``ModelConfig``. Its
+``max_batch_size`` is ``max_images_per_request``, the images one request may hold (the batches the
+batcher forms across requests are bounded by the ``max_batch_size`` setting instead, which Triton's
+config has no field for; ``dynamic_batching`` carries the batcher's ``max_wait_ms``). So every shape
+in the metadata starts with the batch dimension ``-1`` and the configuration's ``dims`` leave it
+out, as Triton's do. Both inputs are ``optional: true``: a request
+leaves out the one it does not send. That is how perf_analyzer (``model_parser.cc``, its data
+loader) gets its inputs: from the metadata, sending each input it has data for and refusing to
+start without data for one that is not optional. So run it with ``--input-data FILE.json`` holding
+one of the two, e.g. ``{"data": [{"image": {"b64": ...}}]}`` (base64 of the BYTES element: its
+4-byte little-endian length, then the JPEG) or ``{"data": [{"pixels": {"b64": ...}}]}`` (base64
+of the ``3*H*W`` little-endian floats); its default random data fills both inputs, which is refused.
 
 Output ``logits``: ``FP32 [N, labels]``; with ``parameters.classification = K`` it is instead
 ``BYTES [N, K]`` of ``"score:index:label"``, best first, where the score is the softmax probability
@@ -17,16 +31,20 @@ shortens the request's deadline. Errors are ``{"error": "..."}`` with the status
 API. Inference goes through the same batcher, queue bound, fairness and metrics as ``/classify``.
 
 Spec: kserve/open-inference-protocol ``specification/protocol/inference_rest.md``; Triton's
-``docs/protocol/extension_binary_data.md`` and ``extension_classification.md``.
+``docs/protocol/extension_binary_data.md``, ``extension_classification.md`` and
+``extension_model_configuration.md``; ``ModelConfig`` in triton-inference-server/common
+``protobuf/model_config.proto``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import math
 import struct
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -40,6 +58,7 @@ from piggyback_core import LoadedTask, PiggybackError, __version__, predictions_
 from ..deps import (
     ClassifyAuth,
     MetricsDep,
+    OpsAuth,
     ServicesDep,
     SettingsDep,
     TaskName,
@@ -57,7 +76,7 @@ from .classify import classify_images, preprocessing_of
 __all__ = ["EXTENSIONS", "error", "router"]
 
 # Triton's names for the extensions implemented here
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "logits"
 
@@ -103,6 +122,41 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
+class InputConfig(BaseModel):
+    """An input of Triton's ``ModelConfig``: ``dims`` without the batch dimension."""
+
+    name: str
+    data_type: str
+    format: str = "FORMAT_NONE"
+    dims: list[int]
+    reshape: dict[str, list[int]] | None = None
+    is_shape_tensor: bool = False
+    allow_ragged_batch: bool = False
+    optional: bool = False
+
+
+class OutputConfig(BaseModel):
+    name: str
+    data_type: str
+    dims: list[int]
+    label_filename: str = ""
+    is_shape_tensor: bool = False
+
+
+class ModelConfig(BaseModel):
+    """Triton's ``ModelConfig`` as its config endpoint prints it (field names as in the proto)."""
+
+    name: str
+    platform: str
+    backend: str
+    version_policy: dict[str, Any]
+    max_batch_size: int
+    input: list[InputConfig]
+    output: list[OutputConfig]
+    dynamic_batching: dict[str, Any]
+    instance_group: list[dict[str, Any]]
+
+
 class RequestInput(BaseModel):
     name: str
     shape: list[Annotated[int, Field(ge=0)]]
@@ -126,7 +180,9 @@ class InferenceRequest(BaseModel):
 # --- server and models -----------------------------------------------------------------------------
 
 
-@router.get("", response_model=ServerMetadata, summary="Server metadata")
+@router.get(
+    "", response_model=ServerMetadata, dependencies=[OpsAuth], responses=v2_errors(401), summary="Server metadata"
+)
 async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="piggyback-server", version=__version__, extensions=EXTENSIONS)
 
@@ -144,14 +200,18 @@ class ModelReady(BaseModel):
     ready: bool
 
 
-@router.get("/health/live", response_model=Live, summary="Liveness", responses=v2_errors(503))
+@router.get(
+    "/health/live", response_model=Live, dependencies=[OpsAuth], summary="Liveness", responses=v2_errors(401, 503)
+)
 async def live(request: Request) -> Live:
     if request.app.state.startup_error is not None:
         raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
     return Live(live=True)
 
 
-@router.get("/health/ready", response_model=Ready, summary="Readiness", responses=v2_errors(503))
+@router.get(
+    "/health/ready", response_model=Ready, dependencies=[OpsAuth], summary="Readiness", responses=v2_errors(401, 503)
+)
 async def ready(services: ServicesDep) -> Ready:
     return Ready(ready=True)
 
@@ -173,7 +233,7 @@ def _metadata(services: Services, task: LoadedTask) -> ModelMetadata:
         versions=[task.version],
         platform=f"piggyback_{services.backbone.arch}",
         inputs=[
-            TensorMetadata(name="image", datatype="BYTES", shape=[-1]),
+            TensorMetadata(name="image", datatype="BYTES", shape=[-1, 1]),
             TensorMetadata(name="pixels", datatype="FP32", shape=[-1, 3, size, size]),
         ],
         outputs=[TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, len(task.labels)])],
@@ -195,6 +255,68 @@ async def model_metadata(task: TaskName, services: ServicesDep) -> ModelMetadata
 )
 async def version_metadata(task: TaskName, version: Version, services: ServicesDep) -> ModelMetadata:
     return _metadata(services, await _model(services, task, version))
+
+
+# Triton's names for the metadata's datatypes in a model configuration
+CONFIG_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+
+
+def _config(services: Services, settings: Settings, task: LoadedTask) -> ModelConfig:
+    """The configuration Triton would print for this model, derived from the metadata so the two
+    cannot disagree: each shape's batch dimension dropped, both inputs optional (send one)."""
+    meta = _metadata(services, task)
+    inputs = [
+        InputConfig(name=t.name, data_type=CONFIG_TYPES[t.datatype], dims=t.shape[1:], optional=True)
+        for t in meta.inputs
+    ]
+    by_name = {t.name: t for t in inputs}
+    by_name["image"].reshape = {"shape": []}  # the model sees one element, an encoded image, per item
+    by_name["pixels"].format = "FORMAT_NCHW"
+    policy, device = services.batcher.policy, services.engine.device
+    return ModelConfig(
+        name=meta.name,
+        platform=meta.platform,
+        backend="piggyback",
+        version_policy={"latest": {"num_versions": 1}},
+        max_batch_size=settings.max_images_per_request,
+        input=inputs,
+        output=[OutputConfig(name=t.name, data_type=CONFIG_TYPES[t.datatype], dims=t.shape[1:]) for t in meta.outputs],
+        dynamic_batching={
+            "preferred_batch_size": [],
+            "max_queue_delay_microseconds": round(policy.max_wait_s * 1e6),
+            "preserve_ordering": False,
+        },
+        instance_group=[
+            {
+                "name": f"{meta.name}_0",
+                "kind": "KIND_GPU" if device.type == "cuda" else "KIND_CPU",
+                "count": policy.workers,
+                "gpus": [device.index or 0] if device.type == "cuda" else [],
+            }
+        ],
+    )
+
+
+@models.get(
+    "/models/{task}/config",
+    response_model=ModelConfig,
+    response_model_exclude_none=True,
+    responses=v2_errors(401, 404, 422, 503),
+    summary="Model configuration (Triton's model configuration extension)",
+)
+async def model_config(task: TaskName, services: ServicesDep, settings: SettingsDep) -> ModelConfig:
+    return _config(services, settings, await _model(services, task, None))
+
+
+@models.get(
+    "/models/{task}/versions/{version}/config",
+    response_model=ModelConfig,
+    response_model_exclude_none=True,
+    responses=v2_errors(401, 404, 422, 503),
+    summary="Model configuration of one version",
+)
+async def version_config(task: TaskName, version: Version, services: ServicesDep, settings: SettingsDep) -> ModelConfig:
+    return _config(services, settings, await _model(services, task, version))
 
 
 @models.get(
@@ -220,8 +342,42 @@ async def version_ready(task: TaskName, version: Version, services: ServicesDep)
 # --- inference -------------------------------------------------------------------------------------
 
 
-def _split_body(request: Request, body: bytes) -> tuple[InferenceRequest, bytes]:
-    length = request.headers.get(HEADER_LENGTH)
+@dataclass(frozen=True)
+class _Parsed:
+    request: InferenceRequest
+    requested: list[tuple[int | None, bool]]
+    timeout_s: float | None
+    inputs: list[bytes] | torch.Tensor  # encoded images, or pixels [N, 3, H, W]
+
+
+def _parse(header_length: str | None, body: bytes, size: int, limit: int) -> _Parsed:
+    """An inference request's body, checked whole before anything is computed (off the event loop)."""
+    req, binary = _split_body(header_length, body)
+    raw = _binary_inputs(req, binary)
+    if len(req.inputs) != 1 or req.inputs[0].name not in ("image", "pixels"):
+        names = [t.name for t in req.inputs]
+        raise BadRequestError(
+            f"inputs {names}: send exactly one input, 'image' (BYTES) or 'pixels' (FP32); both are optional"
+        )
+    tensor = req.inputs[0]
+    expected = {"image": "BYTES", "pixels": "FP32"}[tensor.name]
+    if tensor.datatype != expected:
+        raise BadRequestError(f"input {tensor.name!r} is {expected}, not {tensor.datatype}")
+    if tensor.name not in raw and tensor.data is None:
+        raise BadRequestError(f"input {tensor.name!r} has no data")
+    timeout = req.parameters.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0):
+        raise BadRequestError(f"parameters.timeout must be a positive number of microseconds, not {timeout!r}")
+    timeout_s = None if timeout is None else timeout / 1e6
+    requested = _requested(req)
+    if tensor.name == "image":
+        inputs: list[bytes] | torch.Tensor = _images(tensor, raw.get("image"), limit)
+    else:
+        inputs = _pixels(tensor, raw.get("pixels"), size, limit)
+    return _Parsed(req, requested, timeout_s, inputs)
+
+
+def _split_body(length: str | None, body: bytes) -> tuple[InferenceRequest, bytes]:
     if length is not None:
         if not length.isdigit() or int(length) > len(body):
             raise BadRequestError(f"{HEADER_LENGTH} is {length!r} for a body of {len(body)} bytes")
@@ -373,34 +529,21 @@ async def _infer(
     async with observe(request, metrics, "v2-infer", task) as seen:
         loaded = await _model(services, task, version)
         seen.label = metrics.task_label(task)
-        limit = settings.max_images_per_request
         body = await read_body(request, settings.max_image_bytes + 64 * 1024, "inference request")
-        req, binary = _split_body(request, body)
-        raw = _binary_inputs(req, binary)
-        if len(req.inputs) != 1 or req.inputs[0].name not in ("image", "pixels"):
-            names = [t.name for t in req.inputs]
-            raise BadRequestError(f"inputs {names}: send one input, 'image' (BYTES) or 'pixels' (FP32)")
-        tensor = req.inputs[0]
-        expected = {"image": "BYTES", "pixels": "FP32"}[tensor.name]
-        if tensor.datatype != expected:
-            raise BadRequestError(f"input {tensor.name!r} is {expected}, not {tensor.datatype}")
-        if tensor.name not in raw and tensor.data is None:
-            raise BadRequestError(f"input {tensor.name!r} has no data")
-        timeout = req.parameters.get("timeout")
-        if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0):
-            raise BadRequestError(f"parameters.timeout must be a positive number of microseconds, not {timeout!r}")
-        timeout_s = None if timeout is None else timeout / 1e6
-        requested = _requested(req)
-        if tensor.name == "image":
-            images = _images(tensor, raw.get("image"), limit)
-            outputs = await classify_images(services, loaded, images, timeout_s=timeout_s)
+        # Parsing a JSON body of up to 20 MiB (a pixels tensor as numbers) takes long enough to stall
+        # every other request: it runs on the decoding threads (the workers on a CPU), as decoding does.
+        size = preprocessing_of(services, loaded).crop_size
+        parsed = await asyncio.get_running_loop().run_in_executor(
+            services.decoder, _parse, request.headers.get(HEADER_LENGTH), body, size, settings.max_images_per_request
+        )
+        if isinstance(parsed.inputs, list):
+            outputs = await classify_images(services, loaded, parsed.inputs, timeout_s=parsed.timeout_s)
         else:
-            size = preprocessing_of(services, loaded).crop_size
-            pixels = _pixels(tensor, raw.get("pixels"), size, limit)
-            outputs = await services.batcher.submit_many([(loaded, p) for p in pixels], timeout_s=timeout_s)
+            items = [(loaded, p) for p in parsed.inputs]
+            outputs = await services.batcher.submit_many(items, timeout_s=parsed.timeout_s)
         logits = torch.stack([row for row, _ in outputs])
         seen.batch_size = max(size for _, size in outputs)
-        response = _response(req, requested, loaded, logits)
+        response = _response(parsed.request, parsed.requested, loaded, logits)
         seen.status = 200
         return response
 

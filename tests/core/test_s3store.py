@@ -162,4 +162,5 @@ def test_a_task_registered_through_one_s3_replica_reaches_the_other(s3_url: str,
     a.register("flowers", make_task(resnet18, "flowers", preprocessing=SMALL).to_bytes())
     assert b.sync().loaded == ["flowers"]
     a.delete("flowers")
+    assert b.sync().held == ["flowers"]  # every task gone at once: held until a second listing says so
     assert b.sync().removed == ["flowers"] and "flowers" not in b.engine.tasks

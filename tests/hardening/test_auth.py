@@ -107,3 +107,38 @@ def test_no_token_appears_in_logs_error_bodies_or_any_response(
             assert secret not in body, f"a token is in a response: {secret!r}"
     assert "DEBUG" in log or "debug" in log.lower()  # the log was verbose, so the check means something
     cases(SUITE, len(bodies), note=f"{len(bodies)} responses and {len(log.splitlines())} log lines scanned")
+
+
+def test_with_a_classify_token_every_read_of_task_data_needs_a_token_and_ops_stay_open(
+    app_client, resnet18: Backbone, cases: Callable
+) -> None:
+    classify = "classify-token-0123456789"
+    with app_client(classify_token=classify) as client:
+        assert client.put("/tasks/flowers", content=small_task(resnet18, "flowers").to_bytes(),
+                          headers=headers_for(TOKEN)).status_code == 201  # fmt: skip
+        reads = ["/tasks", "/tasks/flowers", "/v2/models/flowers", "/v2/models/flowers/ready"]
+        for path in reads:
+            for h in [headers_for(None), *(headers_for(w) for w in WRONG[1:4])]:
+                assert client.get(path, headers=h).status_code == 401, (path, h)
+            assert client.get(path, headers=headers_for(classify)).status_code == 200, path
+        # the operator's management token reads the task list too
+        for path in ("/tasks", "/tasks/flowers"):
+            assert client.get(path, headers=headers_for(TOKEN)).status_code == 200
+        for path in ("/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/v2"):
+            assert client.get(path).status_code == 200, path
+    cases(SUITE, len(reads) * 5 + 8)
+
+
+def test_a_setting_closes_metrics_and_health_behind_the_classify_token(
+    app_client, tmp_path: Path, cases: Callable
+) -> None:
+    classify = "classify-token-0123456789"
+    with pytest.raises(ValueError, match="ops_need_token needs a classify token"):
+        from server.settings import Settings
+
+        Settings(ops_need_token=True)
+    with app_client(classify_token=classify, ops_need_token=True, store=tmp_path / "ops") as client:
+        for path in ("/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/v2"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers=headers_for(classify)).status_code == 200, path
+    cases(SUITE, 12)

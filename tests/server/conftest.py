@@ -27,10 +27,10 @@ def settings_for(store: Path, **overrides: Any) -> Settings:
     return Settings(**{**base, **overrides})
 
 
-def wait_ready(client: TestClient, timeout_s: float = 60.0) -> None:
+def wait_ready(client: TestClient, timeout_s: float = 60.0, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if client.get("/readyz").status_code == 200:
+        if client.get("/readyz", headers=headers).status_code == 200:
             return
         time.sleep(0.05)
     raise AssertionError("server did not become ready")
@@ -47,7 +47,8 @@ def app_client(tmp_path: Path) -> Iterator[AppFactory]:
     def factory(**overrides: Any) -> Iterator[TestClient]:
         settings = settings_for(overrides.pop("store", tmp_path / "store"), **overrides)
         with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-            wait_ready(client)
+            token = settings.classify_token
+            wait_ready(client, headers={"Authorization": f"Bearer {token.get_secret_value()}"} if token else None)
             yield client
 
     yield factory

@@ -337,3 +337,49 @@ def test_the_docs_page_and_its_assets_are_served_by_the_app_with_no_network(app_
             assert client.get(url).status_code == 200, url
         assert any(u.endswith("swagger-ui-bundle.js") for u in urls)
         assert client.get("/redoc").status_code == 200
+
+
+def test_a_multipart_image_over_a_mebibyte_is_never_spooled_to_disk(
+    app_client: AppFactory, store_with_task: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=0)
+    assert buf.tell() > 1024 * 1024  # past Starlette's spooling threshold
+    spooled: list[object] = []
+    real = tempfile.TemporaryFile
+
+    def on_disk(*args: object, **kwargs: object) -> object:
+        spooled.append(args)
+        return real(*args, **kwargs)  # type: ignore[call-overload]
+
+    with app_client(store=store_with_task) as client:
+        monkeypatch.setattr(tempfile, "TemporaryFile", on_disk)
+        r = client.post("/classify/flowers", files={"image": ("big.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    assert spooled == []
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"queue_size": 8, "max_images_per_request": 16}, "could never be queued"),
+        ({"max_body_bytes_in_flight": 100 * 2**20}, "max_body_bytes_in_flight"),
+        ({"max_body_bytes_in_flight": 2**30, "max_image_bytes": 2**30}, "multipart framing"),
+    ],
+)
+def test_limits_that_could_never_be_met_stop_the_process_at_start(
+    tmp_path: Path, overrides: dict[str, int], message: str
+) -> None:
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(store=str(tmp_path), **overrides)

@@ -63,6 +63,8 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool
         closed = sock.recv(1) == b""
     except TimeoutError:
         closed = False
+    except ConnectionResetError:  # closed with the client's bytes unread: a reset
+        closed = True
     return status, headers, body, closed
 
 
@@ -181,7 +183,9 @@ def test_sigterm_drains_admitted_requests_refuses_new_ones_and_exits_zero(store:
         time.sleep(0.5)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        late = httpx.post(f"{server.url}/classify/a", content=IMAGE, headers=HEADERS, timeout=10)
+        late = httpx.post(
+            f"{server.url}/classify/a", content=IMAGE, headers={**HEADERS, "X-Request-ID": "late-1"}, timeout=10
+        )
         ready = httpx.get(f"{server.url}/readyz", timeout=10)
         alive = httpx.get(f"{server.url}/healthz", timeout=10)
         assert server.proc.poll() is None, "exited before its admitted request was answered"
@@ -200,6 +204,8 @@ def test_sigterm_drains_admitted_requests_refuses_new_ones_and_exits_zero(store:
     assert ready.status_code == 503 and alive.status_code == 200
     assert code == 0, log
     assert "draining" in log and "drained" in log
+    # the request refused while draining has its access line, with its request id
+    assert re.search(r"piggyback\.access /classify/a task= status=503 .*request_id=late-1$", log, re.M), log
 
 
 def test_json_logs_are_one_object_a_line_with_the_request_id_echoed(store: Path) -> None:
@@ -230,3 +236,45 @@ def test_text_logs_stay_key_value_lines(store: Path) -> None:
     assert re.search(
         rf"classify task=a status=200 latency_ms=\S+ batch_size=\d+ request_id={r.headers['x-request-id']}$", line
     )
+
+
+def _held_upload(port: int, *, declared: int, sent: int) -> socket.socket:
+    """A classify request whose body of ``declared`` bytes stops after ``sent`` bytes (an image,
+    then padding)."""
+    sock = partial_upload(port, declared=declared, sent=len(IMAGE))
+    sock.sendall(b"\0" * (sent - len(IMAGE)))
+    return sock
+
+
+def test_body_bytes_in_flight_have_one_budget_past_which_requests_get_503_and_are_closed(store: Path) -> None:
+    budget = 2 * 1024 * 1024
+    with live_server(store, max_image_bytes=1024 * 1024, max_task_bytes=1024 * 1024,
+                     max_body_bytes_in_flight=budget) as server:  # fmt: skip
+        held = [_held_upload(server.port, declared=1_000_000, sent=800_000) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while metric(server.url, "piggyback_request_body_bytes_in_flight") < 1_600_000:
+            assert time.monotonic() < deadline, "the server never read the held bodies"
+            time.sleep(0.05)
+        over = _held_upload(server.port, declared=1_000_000, sent=600_000)  # 2.2 MB > 2 MiB
+        status, headers, body, closed = read_response(over)
+        over.close()
+        assert status == 503 and headers["retry-after"] and closed, (status, headers, body)
+        assert "bytes of request bodies" in json.loads(body)["detail"]
+        assert metric(server.url, "piggyback_request_body_budget_refusals_total") == 1
+        for sock in held:
+            sock.close()  # the client hangs up: its bytes are given back
+        while metric(server.url, "piggyback_request_body_bytes_in_flight") > 0:
+            assert time.monotonic() < deadline, "the held bodies' bytes were never given back"
+            time.sleep(0.05)
+        assert httpx.post(f"{server.url}/classify/a", content=IMAGE, headers=HEADERS).status_code == 200
+
+
+def test_task_names_from_the_query_cannot_forge_a_log_line_or_a_field(store: Path) -> None:
+    with live_server(store) as server:
+        r = httpx.post(f"{server.url}/classify?tasks=a%0A2026-01-01 INFO forged status=200", content=IMAGE,
+                       headers=HEADERS)  # fmt: skip
+        log = server.log()
+    assert r.status_code == 422
+    assert "forged" not in "".join(line for line in log.splitlines() if "piggyback.access" not in line)
+    line = next(x for x in log.splitlines() if "piggyback.access" in x)
+    assert "task=a%0A2026-01-01%20INFO%20forged%20status%3D200 status=422 " in line, line

@@ -3,7 +3,14 @@ reference client, binary tensor data by default) talking to a real ``piggyback s
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import io
+import json
+import re
+import shutil
+import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,7 +95,7 @@ def test_the_client_sees_a_live_ready_server_and_every_task_as_a_model(
     assert model["name"] == "flowers" and model["versions"] == [version]
     assert model["platform"] == "piggyback_resnet18"
     assert {(t["name"], t["datatype"], tuple(t["shape"])) for t in model["inputs"]} == {
-        ("image", "BYTES", (-1,)),
+        ("image", "BYTES", (-1, 1)),
         ("pixels", "FP32", (-1, 3, 32, 32)),
     }
     assert model["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 5]}]
@@ -188,9 +195,6 @@ def test_v2_requests_count_in_the_same_metrics_as_classify(
 
 
 def test_json_bytes_elements_are_base64_and_malformed_binary_framing_is_refused(server: LiveServer) -> None:
-    import base64
-    import json
-
     url = f"{server.url}/v2/models/flowers/infer"
     body = {"id": "j", "inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
                                    "data": [base64.b64encode(j).decode() for j in JPEGS[:2]]}]}  # fmt: skip
@@ -219,8 +223,6 @@ def test_json_bytes_elements_are_base64_and_malformed_binary_framing_is_refused(
 def test_the_classify_command_prints_labels_and_scores_equal_to_the_api(
     server: LiveServer, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import json
-
     from server.cli import main
 
     folder = tmp_path_factory.mktemp("images")
@@ -262,3 +264,119 @@ def test_the_classify_command_sends_the_classify_token_from_the_flag_or_the_envi
         assert main([*args, "--token", "s3cret"]) == 0
         monkeypatch.setenv("PIGGYBACK_CLASSIFY_TOKEN", "s3cret")
         assert main(args) == 0
+
+
+# --- Triton's tools: the model configuration, errors, perf_analyzer ---------------------------------
+
+TRITON_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+
+
+def test_the_model_configuration_is_tritons_and_agrees_with_the_metadata(
+    client: triton.InferenceServerClient,
+) -> None:
+    """What perf_analyzer reads (its model_parser.cc): with max_batch_size > 0 every metadata shape
+    starts with the batch dimension and the config's dims leave it out; an input may be left out of
+    a request only where the config says it is optional."""
+    assert "model_configuration" in client.get_server_metadata()["extensions"]
+    model = client.get_model_metadata("flowers")
+    config = client.get_model_config("flowers")
+    assert config["name"] == "flowers"
+    assert config["platform"] == model["platform"] == "piggyback_resnet18" and config["backend"] == "piggyback"
+    assert config["max_batch_size"] == 16  # max_images_per_request: the images one request may hold
+    for declared, configured in (("inputs", "input"), ("outputs", "output")):
+        assert [t["name"] for t in config[configured]] == [t["name"] for t in model[declared]]
+        for meta, conf in zip(model[declared], config[configured], strict=True):
+            assert conf["data_type"] == TRITON_TYPES[meta["datatype"]]
+            assert [-1, *conf["dims"]] == meta["shape"]
+    assert [t["optional"] for t in config["input"]] == [True, True]  # send one of them
+    assert config["output"][0]["dims"] == [5]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 1000  # max_wait_ms=1
+    assert config["instance_group"][0]["kind"] == "KIND_CPU" and config["instance_group"][0]["count"] >= 1
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    assert client.get_model_config("flowers", model_version=model["versions"][0]) == config
+    assert client.get_model_config("birds")["output"][0]["dims"] == [7]
+    for task, version, message in (("nope", "", "no task named 'nope'"), ("flowers", "7", "has no version '7'")):
+        with pytest.raises(InferenceServerException, match=message) as info:
+            client.get_model_config(task, model_version=version)
+        assert info.value.status() == "404"
+
+
+def test_unknown_v2_routes_and_methods_answer_with_the_protocols_error_body(server: LiveServer) -> None:
+    r = httpx.get(f"{server.url}/v2/models/flowers/nope", timeout=30)
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    r = httpx.get(f"{server.url}/v2/models/flowers/infer", timeout=30)
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+    assert r.headers["allow"] == "POST"
+    r = httpx.get(f"{server.url}/nope", timeout=30)  # outside /v2: FastAPI's body, as before
+    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+
+
+def _declared_input(meta: dict, batch: int) -> triton.InferInput:
+    """An input as perf_analyzer builds it from the metadata: the batch, then the shape past the
+    batch dimension."""
+    shape = [batch, *meta["shape"][1:]]
+    tensor = triton.InferInput(meta["name"], shape, meta["datatype"])
+    if meta["datatype"] == "BYTES":
+        tensor.set_data_from_numpy(np.array(JPEGS[:batch], dtype=np.object_).reshape(shape))
+    else:
+        tensor.set_data_from_numpy(np.stack([_pixels(j) for j in JPEGS[:batch]]).astype(np.float32).reshape(shape))
+    return tensor
+
+
+def test_a_client_sending_the_required_inputs_and_any_one_optional_input_succeeds(
+    client: triton.InferenceServerClient,
+) -> None:
+    """perf_analyzer sends every input it has data for, and refuses to start when it has none for
+    an input that the config does not mark optional."""
+    model = client.get_model_metadata("flowers")
+    optional = {t["name"] for t in client.get_model_config("flowers")["input"] if t["optional"]}
+    required = [t for t in model["inputs"] if t["name"] not in optional]
+    answers = []
+    for extra in [t for t in model["inputs"] if t["name"] in optional]:
+        logits = client.infer("flowers", [_declared_input(t, 2) for t in [*required, extra]]).as_numpy("logits")
+        assert logits.shape == (2, 5)
+        answers.append(logits)
+    assert len(answers) == 2
+    np.testing.assert_allclose(answers[0], answers[1], rtol=0, atol=1e-5)
+
+
+def _perf_analyzer() -> str:
+    """The perf_analyzer binary, or a skip that says why there is none that runs. The PyPI wheel's
+    ``perf_analyzer`` command wraps the binary and drops its exit status: run the binary itself."""
+    spec = importlib.util.find_spec("perf_analyzer")
+    packaged = Path(spec.origin).parent / "bin" / "perf_analyzer" if spec and spec.origin else None
+    exe = str(packaged) if packaged is not None and packaged.is_file() else shutil.which("perf_analyzer")
+    if exe is None:
+        pytest.skip("perf_analyzer is not installed (PyPI perf-analyzer: its wheels are manylinux_2_38)")
+    probe = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    said = (probe.stderr + probe.stdout).strip()
+    if "Usage:" not in said:  # e.g. "version `GLIBC_2.38' not found" on an older glibc
+        pytest.skip(f"perf_analyzer does not run here: {said.splitlines()[0] if said else probe.returncode}")
+    return exe
+
+
+def _perf_input_data(folder: Path, name: str) -> Path:
+    """perf_analyzer's ``--input-data`` file: a step per image holding one input, base64 of its raw
+    batch-1 bytes (a BYTES element is its 4-byte little-endian length, then the bytes)."""
+    if name == "image":
+        raw = [struct.pack("<I", len(j)) + j for j in JPEGS]
+    else:
+        raw = [_pixels(j).astype("<f4").tobytes() for j in JPEGS]
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"data": [{name: {"b64": base64.b64encode(r).decode()}} for r in raw]}))
+    return path
+
+
+@pytest.mark.parametrize("name", ["image", "pixels"])
+def test_perf_analyzer_measures_the_throughput_of_jpegs_and_of_pixels(
+    server: LiveServer, tmp_path: Path, name: str
+) -> None:
+    exe = _perf_analyzer()
+    args = [exe, "-m", "flowers", "-u", server.url.removeprefix("http://"), "-i", "http", "-b", "2",
+            "--input-data", str(_perf_input_data(tmp_path, name)), "--concurrency-range", "2",
+            "--measurement-mode", "count_windows", "--measurement-request-count", "10",
+            "--stability-percentage", "100", "--max-trials", "5"]  # fmt: skip
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    throughput = re.search(r"throughput: ([0-9.]+) infer/sec", run.stdout)
+    assert throughput is not None and float(throughput.group(1)) > 0, run.stdout

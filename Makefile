@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-fuzz bench bench-compute bench-scale bench-accuracy lint clean
+.PHONY: install demo test test-slow test-fuzz bench bench-compute bench-scale bench-accuracy gpu-check lint clean
 
 # What serving needs (the demo); the dev stamp adds the test toolchain on top of it.
 $(RUNTIME): pyproject.toml
@@ -56,6 +56,9 @@ bench-scale: $(STAMP)  # 1 to 1,000 tasks, uniform and Zipf traffic, against one
 bench-accuracy: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.accuracy
+
+gpu-check: $(STAMP)  # on a GPU machine: tests/cuda, then benchmarks/results/gpu.md (at most 8 minutes on an H100/H200)
+	PY=$(BIN)/python bash scripts/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

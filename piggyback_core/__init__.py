@@ -4,6 +4,7 @@ A plain PyTorch library (no web framework): masked layers, backbones, bit-packed
 the mask store and the engine. See README.md for the design.
 """
 
+from . import device as device  # the CUDA seam (piggyback_core.device)
 from .backbones import (
     Backbone,
     BackboneSpec,
@@ -27,7 +28,17 @@ from .bitpack import (
     unpack_ternary,
 )
 from .data import ImageFolderDataset, ShardedBatchSampler, train_transform
-from .engine import MIXED_PATHS, Engine, LoadedTask, MixedPath, Residency, WeightCache, apply_packed_mask
+from .engine import (
+    MIXED_PATHS,
+    Engine,
+    HostLogits,
+    LoadedTask,
+    MixedPath,
+    Residency,
+    WeightCache,
+    apply_packed_mask,
+    apply_packed_masks,
+)
 from .errors import (
     BackboneError,
     BackboneMismatchError,
@@ -111,6 +122,7 @@ __all__ = [
     "EpochLog",
     "EvalReport",
     "Engine",
+    "HostLogits",
     "MIXED_PATHS",
     "MixedPath",
     "EngineError",
@@ -160,6 +172,7 @@ __all__ = [
     "open_store",
     "__version__",
     "apply_packed_mask",
+    "apply_packed_masks",
     "channel_separable",
     "auto_dtype",
     "auto_workers",

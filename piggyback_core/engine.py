@@ -15,6 +15,7 @@ batch runs does not affect that batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -26,13 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import device as _device
 from .backbones import Backbone, channel_separable
 from .bitpack import MaskKind, unpack_binary, unpack_ternary
 from .errors import EngineError, TaskNotFoundError
+from .images import Preprocessing
 from .masking import NormParams, use_plan
 from .taskfile import TaskFile
 
-__all__ = ["MIXED_PATHS", "Engine", "LoadedTask", "MixedPath", "Residency", "WeightCache", "apply_packed_mask"]
+__all__ = [
+    "MIXED_PATHS",
+    "Engine",
+    "HostLogits",
+    "LoadedTask",
+    "MixedPath",
+    "Residency",
+    "WeightCache",
+    "apply_packed_mask",
+    "apply_packed_masks",
+]
 
 
 log = logging.getLogger("piggyback.engine")
@@ -40,7 +53,8 @@ log = logging.getLogger("piggyback.engine")
 # How a batch that mixes tasks runs: "segments" (each masked layer once per task segment; on a CPU
 # small outputs as unfold + one matmul per task), "stacked" (the tasks stacked along channels, one
 # grouped convolution per layer whatever the number of tasks: masking's module docstring), or
-# "auto" (stacked on CUDA where the backbone allows it, segments otherwise).
+# "auto": segments, on CUDA too, until a GPU measurement says stacked is faster there (on a CPU it
+# measured slower; `make gpu-check` measures both on a GPU).
 MixedPath = Literal["auto", "segments", "stacked"]
 MIXED_PATHS: tuple[str, ...] = get_args(MixedPath)
 
@@ -84,12 +98,51 @@ def apply_packed_mask(weight: Tensor, packed: Tensor, kind: MaskKind, *, out: Te
     return result.view(weight.shape)
 
 
+def apply_packed_masks(weight: Tensor, packed: Sequence[Tensor], kind: MaskKind) -> Tensor:
+    """``weight * mask_s`` for S packed masks of one kind at once, stacked along the first
+    dimension (``[S * out, ...]``): one gather from the lookup table over the S masks side by side
+    and one broadcast multiply, a fixed number of operations whatever S (the stacked path's cache
+    misses)."""
+    lut = _mask_lut(kind, weight.dtype, weight.device)
+    s, n = len(packed), weight.numel()
+    codes = torch.stack(list(packed)).to(torch.int32)  # [S, bytes]
+    values = lut[codes].view(s, -1)  # [S, bytes * per_byte]
+    if values.shape[1] != n:  # the last byte's padding bits
+        values = values[:, :n].contiguous()
+    return values.mul_(weight.reshape(1, -1)).view(s * weight.shape[0], *weight.shape[1:])
+
+
+@dataclass(frozen=True)
+class HostLogits:
+    """A batch's logits on the host, ``float32``: every row's logits end to end in one buffer
+    (what one device-to-host copy brought back); :meth:`row` is row ``i``'s ``[labels]`` view."""
+
+    flat: Tensor
+    offsets: tuple[int, ...]  # row i is flat[offsets[i]:offsets[i + 1]]
+
+    def row(self, i: int) -> Tensor:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
 class _Workspace(threading.local):
     """Per-thread scratch for weights that live only for one layer call (no cache): one buffer per
     (device, dtype), grown to the largest layer, reused by every layer of every batch."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self.staging: dict[tuple[torch.dtype, str], Tensor] = {}  # pinned host buffers: images in, logits out
+
+    def pinned(self, numel: int, dtype: torch.dtype, purpose: str) -> Tensor:
+        """A page-locked host buffer of at least ``numel`` elements, reused by this thread's batches
+        (each batch waits for its device work before it returns, so the next may reuse it)."""
+        buffer = self.staging.get((dtype, purpose))
+        if buffer is None or buffer.numel() < numel:
+            buffer = _device.pin(torch.empty(max(numel, 1), dtype=dtype))
+            self.staging[(dtype, purpose)] = buffer
+        return buffer
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         buffer = self.buffers.get((device, dtype))
@@ -125,6 +178,9 @@ class LoadedTask:
     head_bias: Tensor = field(repr=False)
     norms: dict[str, NormParams] = field(repr=False)
     file: TaskFile = field(repr=False)
+    # the task's preprocessing mean and std, [1, 3, 1, 1] float32 on the device: uint8 images are
+    # normalised there (made once per task, so a batch copies nothing small to the device)
+    normalize: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
     def resident_bytes(self) -> int:
@@ -348,17 +404,30 @@ class _Plan:
         return self.tasks[segment].norms.get(name)
 
     def stacked_weight(self, key: str, weight: Tensor) -> Tensor:
-        parts = []
-        for i, task in enumerate(self.tasks):
-            cached, fresh = self.cached[i], self.fresh[i]
-            if cached is not None:
-                parts.append(cached[key])
+        """The S tasks' weights of one layer side by side: the cached ones as they are, the missing
+        ones built together (one gather and one multiply per mask kind, whatever their number)."""
+        parts: list[Tensor | None] = [c[key] if c is not None else None for c in self.cached]
+        for kind in ("binary", "ternary"):
+            missing = [i for i, t in enumerate(self.tasks) if parts[i] is None and t.mask_kind == kind]
+            if not missing:
                 continue
-            w = apply_packed_mask(weight, task.masks[key], task.mask_kind)  # its own tensor: S live at once
+            built = apply_packed_masks(weight, [self.tasks[i].masks[key] for i in missing], kind)
+            if len(missing) == len(self.tasks):
+                if any(f is not None for f in self.fresh):
+                    self._keep(key, built.chunk(len(missing)), missing)
+                return built
+            pieces = built.chunk(len(missing))
+            self._keep(key, pieces, missing)
+            for i, piece in zip(missing, pieces, strict=True):
+                parts[i] = piece
+        return torch.cat(parts)  # type: ignore[arg-type]
+
+    def _keep(self, key: str, pieces: Sequence[Tensor], tasks: list[int]) -> None:
+        """The pieces of the tasks admitted to the cache, as tensors of their own."""
+        for i, piece in zip(tasks, pieces, strict=True):
+            fresh = self.fresh[i]
             if fresh is not None:
-                fresh[key] = w
-            parts.append(w)
-        return torch.cat(parts)
+                fresh[key] = piece.clone()
 
     def stacked_norm(self, name: str, own: NormParams) -> NormParams:
         parts = [t.norms.get(name) or own for t in self.tasks]
@@ -398,11 +467,13 @@ class Engine:
         # The weights stay in the default (contiguous) layout: the mask multiply then reads and
         # writes them in order; only activations are NHWC, which is what selects the NHWC kernels.
         self.model = backbone.model.to(self.device, dtype).eval()
+        self.device = next(self.model.parameters()).device  # "cuda" -> "cuda:0": one key for its lookup tables
         self.cache = WeightCache(cache_bytes)
         self._workspace = _Workspace()
         itemsize = torch.empty(0, dtype=dtype).element_size()
         self._weights_nbytes = sum(m.weight.numel() for m in backbone.masked) * itemsize  # one task's built weights
         self._tasks: dict[str, LoadedTask] = {}
+        self._normalizers: dict[Preprocessing, tuple[Tensor, Tensor]] = {}
         self._lock = threading.Lock()
         if mixed_path not in MIXED_PATHS:
             raise ValueError(f"unknown mixed path {mixed_path!r}; expected one of {', '.join(MIXED_PATHS)}")
@@ -410,7 +481,7 @@ class Engine:
         if mixed_path == "stacked" and not separable:
             raise ValueError(f"{backbone.arch} mixes channels across tasks: its mixed batches cannot run stacked")
         if mixed_path == "auto":
-            mixed_path = "stacked" if self.device.type == "cuda" and separable else "segments"
+            mixed_path = "segments"  # see MixedPath: stacked only when asked for, until measured faster
         self.mixed_path: MixedPath = mixed_path
 
     # --- tasks --------------------------------------------------------------------------------
@@ -420,18 +491,34 @@ class Engine:
 
         Raises a TaskFileError (nothing changes) if the task does not fit this backbone."""
         task.check_compatible(self.backbone)
+        masks = {k: v.to(self.device) for k, v in task.masks.items()}
+        file = task
+        if self.device.type != "cpu":
+            # The host bytes the file was read from are let go once the masks live on the device
+            # (else host memory holds every task twice): the file keeps its metadata, the device
+            # masks, and shape-only (meta) stand-ins for the head and BatchNorm tensors.
+            file = dataclasses.replace(
+                task,
+                masks=masks,
+                head_weight=task.head_weight.to("meta"),
+                head_bias=task.head_bias.to("meta"),
+                norms={k: NormParams(*(t.to("meta") for t in vars(p).values())) for k, p in task.norms.items()},
+            )
+        preprocessing = task.preprocessing or self.backbone.preprocessing
+        _mask_lut(task.mask_kind, self.dtype, self.device)  # made now: a batch copies nothing small to the device
         loaded = LoadedTask(
             name=task.name,
             version=task.version,
             labels=task.labels,
             mask_kind=task.mask_kind,
-            masks={k: v.to(self.device) for k, v in task.masks.items()},
+            masks=masks,
             head_weight=task.head_weight.to(self.device, self.dtype),
             head_bias=task.head_bias.to(self.device, self.dtype),
             norms={
                 k: NormParams(*(t.to(self.device, self.dtype) for t in vars(p).values())) for k, p in task.norms.items()
             },
-            file=task,
+            file=file,
+            normalize=self._normalize_constants(preprocessing),
         )
         with self._lock:  # the swap and the old version's eviction are one step for _cache_put
             previous = self._tasks.get(task.name)
@@ -543,7 +630,59 @@ class Engine:
 
     def run_mixed(self, images: Tensor, tasks: Sequence[str | LoadedTask]) -> list[Tensor]:
         """Logits for a batch whose row ``i`` is for ``tasks[i]``: one ``float32 [num_labels]``
-        tensor per row, in the order given."""
+        tensor per row (on the engine's device), in the order given."""
+        rows, segments, permuted = self._arrange(images, tasks)
+        per_segment = self._forward(permuted, segments)
+        out: list[Tensor] = [torch.empty(0)] * len(rows)
+        for (a, _, _), logits in zip(segments, per_segment, strict=True):
+            for j, row_logits in enumerate(logits):
+                out[rows[a + j]] = row_logits
+        return out
+
+    def run_mixed_host(self, images: Tensor, tasks: Sequence[str | LoadedTask]) -> HostLogits:
+        """:meth:`run_mixed` with the logits brought to the host in **one** device-to-host copy
+        (into a pinned buffer, asynchronously, then one wait for the device): what a server hands
+        back. Nothing waits for the device before that copy. ``images`` may be ``uint8`` (0-255,
+        not normalised: each task's mean and std are applied on the device) or already
+        normalised floats, on the host (pinned and copied asynchronously) or on the device."""
+        rows, segments, permuted = self._arrange(images, tasks)
+        per_segment = self._forward(permuted, segments)
+        flat = per_segment[0].reshape(-1) if len(per_segment) == 1 else torch.cat([x.reshape(-1) for x in per_segment])
+        if flat.device.type != "cpu":
+            host = self._workspace.pinned(flat.numel(), torch.float32, "logits")[: flat.numel()]
+            host.copy_(flat, non_blocking=True)
+            _device.synchronize(flat.device)
+            flat = host
+        # row i of the request order: its segment's place in the flat buffer
+        sizes = [t.head_weight.shape[0] for a, b, t in segments for _ in range(b - a)]
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        order = [0] * len(rows)
+        for position, row in enumerate(rows):
+            order[row] = position
+        if order == list(range(len(rows))):
+            return HostLogits(flat, tuple(starts))
+        gathered = torch.cat([flat[starts[p] : starts[p + 1]] for p in order])  # host: a few hundred floats
+        offsets = [0]
+        for p in order:
+            offsets.append(offsets[-1] + sizes[p])
+        return HostLogits(gathered, tuple(offsets))
+
+    def stage(self, images: Sequence[Tensor]) -> Tensor:
+        """``images`` (each ``[3, H, W]``, one dtype) stacked into one host batch: on CUDA into this
+        thread's pinned staging buffer, so that the copy to the device is asynchronous."""
+        if self.device.type == "cpu":
+            return torch.stack(list(images))
+        first = images[0]
+        numel = len(images) * first.numel()
+        buffer = self._workspace.pinned(numel, first.dtype, "images")[:numel].view(len(images), *first.shape)
+        return torch.stack(list(images), out=buffer)
+
+    def _arrange(
+        self, images: Tensor, tasks: Sequence[str | LoadedTask]
+    ) -> tuple[list[int], list[tuple[int, int, LoadedTask]], Tensor]:
+        """(the rows in segment order, the contiguous per-task segments, the images in that order)."""
         self._check_images(images, len(tasks))
         resolved = [self.get_task(t) if isinstance(t, str) else t for t in tasks]
         order: dict[int, list[int]] = {}  # first-seen task order; rows grouped by task object
@@ -557,13 +696,15 @@ class Engine:
         for key, group in order.items():
             segments.append((start, start + len(group), by_id[key]))
             start += len(group)
-        permuted = images if rows == list(range(len(rows))) else images[torch.tensor(rows, device=images.device)]
-        per_segment = self._forward(permuted, segments)
-        out: list[Tensor] = [torch.empty(0)] * len(rows)
-        for (a, _, _), logits in zip(segments, per_segment, strict=True):
-            for j, row_logits in enumerate(logits):
-                out[rows[a + j]] = row_logits
-        return out
+        permuted = images if rows == list(range(len(rows))) else images[self._index(rows, images.device)]
+        return rows, segments, permuted
+
+    def _index(self, index: list[int], device: torch.device) -> Tensor:
+        """An index tensor on ``device``: on a GPU from pinned memory, without waiting."""
+        host = torch.tensor(index, dtype=torch.int64)
+        if device.type == "cpu":
+            return host
+        return _device.pin(host).to(device, non_blocking=True)
 
     def _check_images(self, images: Tensor, n: int) -> None:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -573,8 +714,8 @@ class Engine:
             raise EngineError("empty batch")
         if n != 1 and images.shape[0] != n:
             raise EngineError(f"{images.shape[0]} images for {n} task names")
-        if not images.is_floating_point():
-            raise EngineError(f"images must be floating point, got {images.dtype}")
+        if not images.is_floating_point() and images.dtype != torch.uint8:
+            raise EngineError(f"images must be floating point (normalised) or uint8 (0-255), got {images.dtype}")
 
     def _stacks(self, segments: list[tuple[int, int, LoadedTask]]) -> bool:
         """Whether this batch runs stacked: the engine's mixed path is, the batch mixes tasks, and
@@ -590,8 +731,8 @@ class Engine:
         plan = _Plan(
             [(a, b) for a, b, _ in segments], tasks, self.cache, self._workspace, self._weights_nbytes, stack=stack
         )
-        x = images.to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode():
+            x = self._input(images, segments)
             if stack:
                 x, rows = _stack_segments(x, segments)
             if self.channels_last:
@@ -607,6 +748,37 @@ class Engine:
                 self._cache_put(t, fresh)
         return logits
 
+    def _input(self, images: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> Tensor:
+        """The batch on the device in the compute dtype. Host images travel as they are (uint8:
+        a quarter of float32's bytes) from pinned memory without waiting; uint8 images are then
+        normalised on the device with each segment's task's mean and std (in float32, as the
+        host preprocessing computes them, so the results are the same)."""
+        if images.device != self.device:
+            images = _device.pin(images).to(self.device, non_blocking=True)
+        if images.dtype != torch.uint8:
+            return images.to(self.dtype)
+        # each row's task's mean and std side by side (views of the per-task constants, one cat
+        # each), then one normalisation for the whole batch: a fixed number of operations
+        constants = [t.normalize or self._normalize_constants(self.backbone.preprocessing) for _, _, t in segments]
+        if len({id(c) for c in constants}) == 1:
+            mean, std = constants[0]
+        else:
+            mean = torch.cat([c[0].expand(b - a, 3, 1, 1) for c, (a, b, _) in zip(constants, segments, strict=True)])
+            std = torch.cat([c[1].expand(b - a, 3, 1, 1) for c, (a, b, _) in zip(constants, segments, strict=True)])
+        return images.to(torch.float32).div_(255.0).sub_(mean).div_(std).to(self.dtype)
+
+    def _normalize_constants(self, preprocessing: Preprocessing) -> tuple[Tensor, Tensor]:
+        """A preprocessing's mean and std on the device, made once (tasks that share one share them)."""
+        with self._lock:
+            constants = self._normalizers.get(preprocessing)
+            if constants is None:
+                mean, std = (
+                    torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
+                    for v in (preprocessing.mean, preprocessing.std)
+                )
+                constants = self._normalizers[preprocessing] = (mean.to(self.device), std.to(self.device))
+            return constants
+
 
 def _stack_segments(x: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> tuple[Tensor, int]:
     """``[B, C, H, W]`` in contiguous segments -> ``[m, S*C, H, W]``: task ``s``'s rows in channels
@@ -614,7 +786,8 @@ def _stack_segments(x: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> t
     (computed and dropped). One gather and one copy, whatever S."""
     m = max(b - a for a, b, _ in segments)
     index = [a + min(j, b - a - 1) for a, b, _ in segments for j in range(m)]
-    gathered = x[torch.tensor(index, device=x.device)]  # [S*m, C, H, W], segment-major
+    host = torch.tensor(index, dtype=torch.int64)
+    gathered = x[host if x.device.type == "cpu" else _device.pin(host).to(x.device, non_blocking=True)]
     s, (c, h, w) = len(segments), x.shape[1:]
     return gathered.view(s, m, c, h, w).transpose(0, 1).reshape(m, s * c, h, w), m
 

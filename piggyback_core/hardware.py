@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import device as _device
 from .backbones import get_backbone_spec
 
 __all__ = [
@@ -65,7 +66,9 @@ def auto_dtype(device: torch.device | str) -> torch.dtype:
     where the GPU has it (Ampere and later: same range as float32, no overflow), else float16."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # the capability, not torch.cuda.is_bf16_supported(): that counts emulated bfloat16 (a T4
+        # or a V100 would run it slower than float16)
+        return torch.bfloat16 if _device.capability(device) >= (8, 0) else torch.float16
     return torch.bfloat16 if native_bf16() else torch.float32
 
 

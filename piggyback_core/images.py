@@ -102,6 +102,22 @@ class Preprocessing:
             del out["resize_mode"]
         return out
 
+    def to_uint8(self, image: Image.Image) -> Tensor:
+        """The resized and cropped image as ``uint8 [3, crop, crop]``, not normalised: what a
+        server copies to the device (a quarter of float32's bytes), where
+        :class:`~piggyback_core.Engine` normalises it with :attr:`mean` and :attr:`std` exactly as
+        :meth:`__call__` does on the host. No torch operator runs here."""
+        arr = np.asarray(self._resized(image), dtype=np.uint8)  # HWC
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def _resized(self, image: Image.Image) -> Image.Image:
+        if self.resize_mode == "squash":
+            return TF.resize(
+                image, [self.crop_size, self.crop_size], InterpolationMode(self.interpolation), antialias=True
+            )
+        img = TF.resize(image, [self.resize_size], InterpolationMode(self.interpolation), antialias=True)
+        return TF.center_crop(img, [self.crop_size])
+
     def __call__(self, image: Image.Image) -> Tensor:
         """A ``float32 [3, crop, crop]`` tensor from an RGB PIL image.
 
@@ -109,14 +125,7 @@ class Preprocessing:
         decoding threads never touch torch's OpenMP pool (a second thread using it slows every
         later forward pass of the thread that runs the model). Same results as torchvision's
         ``resize``/``center_crop``/``pil_to_tensor``/``normalize``, which a test checks."""
-        if self.resize_mode == "squash":
-            img = TF.resize(
-                image, [self.crop_size, self.crop_size], InterpolationMode(self.interpolation), antialias=True
-            )
-        else:
-            img = TF.resize(image, [self.resize_size], InterpolationMode(self.interpolation), antialias=True)
-            img = TF.center_crop(img, [self.crop_size])
-        arr = np.asarray(img, dtype=np.float32)  # HWC, 0..255
+        arr = np.asarray(self._resized(image), dtype=np.float32)  # HWC, 0..255
         arr = arr / np.float32(255.0)
         arr -= np.asarray(self.mean, dtype=np.float32)
         arr /= np.asarray(self.std, dtype=np.float32)

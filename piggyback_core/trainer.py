@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from . import device as _device
 from .backbones import Backbone, load_backbone
 from .bitpack import MaskKind
 from .data import ImageFolderDataset, ShardedBatchSampler, train_transform
@@ -173,9 +174,9 @@ class _Dist:
 
 def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if _device.cuda_available() else "cpu"
     if name == "cuda":
-        if not torch.cuda.is_available():
+        if not _device.cuda_available():
             raise ValueError("device 'cuda' asked for, but CUDA is not available")
         return torch.device("cuda", local_rank)
     if name != "cpu":

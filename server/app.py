@@ -63,8 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             initializer=torch.set_num_threads,
             initargs=(threads,),
         )
-        store_thread = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="piggyback-store", initializer=torch.set_num_threads, initargs=(1,)
+        # Task management (uploads, deletions, store polls: read, hash, validate, write, move to
+        # the device) runs on its own thread, single-threaded in torch (no second OpenMP pool), so
+        # an inference never waits behind an upload: only the final swap touches the engine.
+        management = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="piggyback-manage", initializer=torch.set_num_threads, initargs=(1,)
         )
         metrics.workers.set(workers)
         metrics.worker_threads.set(threads)
@@ -73,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def start() -> None:
             try:
                 services = await loop.run_in_executor(
-                    device_thread, build_services, settings, metrics, device_thread, workers
+                    device_thread, build_services, settings, metrics, device_thread, workers, management
                 )
                 await services.batcher.start()
                 app.state.services = services
@@ -109,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 try:
                     # Its own thread: listing 10,000 files takes 0.1-0.25 s, which a worker would
                     # lose every poll (single-threaded torch there: no second OpenMP pool).
-                    report = await loop.run_in_executor(store_thread, services.registry.sync)
+                    report = await loop.run_in_executor(management, services.registry.sync)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -129,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.store_syncs.labels("removed").inc(len(report.removed))
                 metrics.store_syncs.labels("failed").inc(len(report.failed))
                 if report.loaded or report.removed:
+                    services.recheck_cache_budget()
                     log.info("store sync: loaded %s, removed %s", report.loaded, report.removed)
                     metrics.refresh_tasks(services.engine)
 
@@ -163,7 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if services is not None:
                 await services.batcher.stop(drain_timeout_s=settings.request_timeout_s)
                 services.shutdown()
-            store_thread.shutdown(wait=True)
+            management.shutdown(wait=True)
             device_thread.shutdown(wait=True)
 
     # /docs and /redoc from the assets that fastapi-offline ships (no CDN: works air-gapped)

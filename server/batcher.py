@@ -41,9 +41,18 @@ before, so a lone client waits no longer.
 DeadlineExceededError (-> 504) and never reaches the device; its caller stops waiting at the
 deadline in any case.
 
-Batches mix tasks and run through :meth:`Engine.run_mixed` on the worker threads, so the event
-loop stays free for HTTP. Requests hold the :class:`LoadedTask` they were admitted
-with, so replacing or deleting a task never fails a request already admitted.
+**Results on the host.** Batches mix tasks and run through :meth:`Engine.run_mixed_host` on the
+worker threads, so the event loop stays free for HTTP: a batch's images are stacked into a pinned
+staging buffer, its logits come back in one device-to-host copy, and each request's top-k
+(softmax) is computed there too. The event loop receives plain host results
+(:class:`ImageResult`) and never waits for a device. Requests hold the :class:`LoadedTask` they
+were admitted with, so replacing or deleting a task never fails a request already admitted.
+
+**Device failures.** A batch that runs out of device memory is split in two halves, each retried
+once (after the allocator's cache is emptied); what still fails is answered 503
+(:class:`DeviceMemoryError`) and counted (``on_oom``). An error after which the device is unusable
+(a sticky CUDA error) is reported to ``on_device_lost`` (liveness then fails: the process must be
+restarted) and answered 500.
 """
 
 from __future__ import annotations
@@ -57,14 +66,26 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from piggyback_core import Engine, LoadedTask
+from piggyback_core import Engine, HostLogits, LoadedTask, Prediction, predictions_from_logits
+from piggyback_core import device as _device
 
-from .errors import DeadlineExceededError, NotReadyError, QueueFullError
+from .errors import DeadlineExceededError, DeviceMemoryError, NotReadyError, QueueFullError
 
-__all__ = ["BatchPolicy", "BatchStats", "Batcher"]
+__all__ = ["BatchPolicy", "BatchStats", "Batcher", "ImageResult"]
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's answer, on the host: its logits (``float32 [labels]``), its top-k predictions
+    (softmax scores, best first; as many as the request asked for) and the size of its batch."""
+
+    logits: np.ndarray = field(repr=False)
+    predictions: list[Prediction]
+    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -99,9 +120,10 @@ class BatchStats:
 class _Request:
     task: LoadedTask
     image: Tensor
+    top_k: int
     enqueued: float
     deadline: float
-    future: asyncio.Future[tuple[Tensor, int]] = field(repr=False)
+    future: asyncio.Future[ImageResult] = field(repr=False)
 
 
 class Batcher:
@@ -113,6 +135,8 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         executor: ThreadPoolExecutor | None = None,
+        on_oom: Callable[[], None] | None = None,
+        on_device_lost: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -134,6 +158,8 @@ class Batcher:
         self._accepting = False
         self._on_batch = on_batch or (lambda _: None)
         self._on_depth = on_depth or (lambda _: None)
+        self._on_oom = on_oom or (lambda: None)
+        self._on_device_lost = on_device_lost or (lambda _: None)
 
     @property
     def depth(self) -> int:
@@ -172,16 +198,19 @@ class Batcher:
         self._expected -= 1
         self._wakeup.set()
 
-    async def submit(self, task: LoadedTask, image: Tensor, *, timeout_s: float | None = None) -> tuple[Tensor, int]:
-        """Logits for one image of ``task`` and the size of the batch that computed them."""
-        return (await self.submit_many([(task, image)], timeout_s=timeout_s))[0]
+    async def submit(
+        self, task: LoadedTask, image: Tensor, *, top_k: int = 0, timeout_s: float | None = None
+    ) -> ImageResult:
+        """One image of ``task`` (``uint8 [3, H, W]``, or normalised floats): its host result."""
+        return (await self.submit_many([(task, image)], top_k=top_k, timeout_s=timeout_s))[0]
 
     async def submit_many(
-        self, items: list[tuple[LoadedTask, Tensor]], *, timeout_s: float | None = None
-    ) -> list[tuple[Tensor, int]]:
-        """Each image's logits and batch size, for images of one task or several, queued together
-        (all or none: the queue bound counts every image) so that they can share a batch.
-        ``timeout_s`` shortens the policy's deadline for these (a client's own deadline)."""
+        self, items: list[tuple[LoadedTask, Tensor]], *, top_k: int = 0, timeout_s: float | None = None
+    ) -> list[ImageResult]:
+        """Each image's host result (logits, its ``top_k`` predictions, batch size), for images of
+        one task or several, queued together (all or none: the queue bound counts every image) so
+        that they can share a batch. ``timeout_s`` shortens the policy's deadline for these (a
+        client's own deadline)."""
         if not self._accepting:
             raise NotReadyError("the server is not accepting requests")
         if self._pending + len(items) > self.policy.queue_size:
@@ -189,15 +218,16 @@ class Batcher:
         timeout = self.policy.timeout_s if timeout_s is None else min(timeout_s, self.policy.timeout_s)
         now = time.monotonic()
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[tuple[Tensor, int]]] = []
+        futures: list[asyncio.Future[ImageResult]] = []
         for task, image in items:
             futures.append(loop.create_future())
-            self._queues.setdefault(task.name, deque()).append(_Request(task, image, now, now + timeout, futures[-1]))
+            request = _Request(task, image, top_k, now, now + timeout, futures[-1])
+            self._queues.setdefault(task.name, deque()).append(request)
         self._pending += len(items)
         self._on_depth(self._pending)
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in futures)), timeout)
+            return list(await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in futures)), timeout))
         except TimeoutError:
             for future in futures:
                 if not future.done():
@@ -293,18 +323,57 @@ class Batcher:
         self._threads_in_use -= threads
         self._wakeup.set()
 
-    def _run_group(self, reqs: list[_Request], threads: int) -> list[Tensor]:
+    def _run_group(self, reqs: list[_Request], threads: int) -> list[tuple[np.ndarray, list[Prediction]]]:
+        """On a worker thread: the batch computed, brought to the host and finished there."""
         if threads:
             torch.set_num_threads(threads)  # per thread: this worker's intra-op threads for this batch
-        # Stacking is a tensor op too: it belongs on the device thread, not the event loop.
-        return self.engine.run_mixed(torch.stack([r.image for r in reqs]), [r.task for r in reqs])
+        try:
+            return self._compute(reqs)
+        except Exception as exc:
+            if not _device.is_oom(exc):
+                if _device.is_sticky_error(exc):
+                    self._on_device_lost(exc)
+                raise
+        # Out of device memory: the allocator's cache emptied, each half retried once.
+        self._on_oom()
+        _device.empty_cache(self.engine.device)
+        halves = [reqs] if len(reqs) == 1 else [reqs[: len(reqs) // 2], reqs[len(reqs) // 2 :]]
+        out = []
+        for half in halves:
+            try:
+                out += self._compute(half)
+            except Exception as exc:
+                if _device.is_oom(exc):
+                    _device.empty_cache(self.engine.device)
+                    raise DeviceMemoryError(images=len(half)) from exc
+                if _device.is_sticky_error(exc):
+                    self._on_device_lost(exc)
+                raise
+        return out
+
+    def device_part(self, reqs: list[_Request]) -> HostLogits:
+        """A batch's work up to its logits on the host: its images stacked into the pinned staging
+        buffer, the forward, one device-to-host copy (and the one wait for the device after it)."""
+        # Stacking is a tensor op too: it belongs on the worker thread, not the event loop.
+        return self.engine.run_mixed_host(self.engine.stage([r.image for r in reqs]), [r.task for r in reqs])
+
+    def _compute(self, reqs: list[_Request]) -> list[tuple[np.ndarray, list[Prediction]]]:
+        host = self.device_part(reqs)
+        flat = host.flat.numpy().copy()  # the pinned buffer is this thread's: the next batch reuses it
+        out = []
+        for i, r in enumerate(reqs):
+            row = host.row(i)
+            k = min(r.top_k, len(r.task.labels))
+            out.append((flat[host.offsets[i] : host.offsets[i + 1]], predictions_from_logits(row, r.task.labels, k)
+                        if k else []))  # fmt: skip
+        return out
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Request], threads: int = 0) -> None:
         started = time.monotonic()
-        # Tasks may be trained at different resolutions: one engine call per input shape.
-        groups: dict[tuple[int, ...], list[_Request]] = {}
+        # Tasks may be trained at different resolutions: one engine call per input shape and dtype.
+        groups: dict[tuple[object, ...], list[_Request]] = {}
         for req in batch:
-            groups.setdefault(tuple(req.image.shape), []).append(req)
+            groups.setdefault((*req.image.shape, req.image.dtype), []).append(req)
         for reqs in groups.values():
             try:
                 rows = await loop.run_in_executor(self._executor, self._run_group, reqs, threads)
@@ -313,8 +382,10 @@ class Batcher:
                     if not r.future.done():
                         r.future.set_exception(exc)
                 continue
-            for r, logits in zip(reqs, rows, strict=True):
+            for r, (logits, predictions) in zip(reqs, rows, strict=True):
                 if not r.future.done():
-                    r.future.set_result((logits, len(batch)))
+                    r.future.set_result(ImageResult(logits, predictions, len(batch)))
         waits = [started - r.enqueued for r in batch]
+        # compute_s is the batch's whole time on the worker, device included (each batch waits for
+        # its results before it returns)
         self._on_batch(BatchStats(len(batch), len({r.task.name for r in batch}), waits, time.monotonic() - started))

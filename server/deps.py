@@ -38,6 +38,7 @@ from .errors import (
     BodyBudgetError,
     ClientDisconnectedError,
     DeadlineExceededError,
+    DeviceMemoryError,
     DrainingError,
     ManagementDisabledError,
     NotReadyError,
@@ -94,6 +95,7 @@ STATUS_BY_ERROR: dict[type[PiggybackError], int] = {
     ManagementDisabledError: 403,
     QueueFullError: 503,
     BodyBudgetError: 503,
+    DeviceMemoryError: 503,
     NotReadyError: 503,
     DeadlineExceededError: 504,
     StoreError: 503,
@@ -115,6 +117,8 @@ def error_headers(exc: PiggybackError) -> dict[str, str] | None:
         return {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, NotReadyError):
         return {"Retry-After": "5"}
+    if isinstance(exc, DeviceMemoryError):
+        return {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, BodyBudgetError):
         # the rest of the body is never read: close the connection instead of draining it
         return {"Retry-After": str(exc.retry_after_s), "Connection": "close"}

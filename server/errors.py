@@ -6,6 +6,7 @@ PiggybackError
     │   └── DrainingError           the server is shutting down (SIGTERM)         -> 503 + Retry-After
     ├── QueueFullError              the request queue is at its bound             -> 503 + Retry-After
     ├── BodyBudgetError             request bodies in flight at their byte budget -> 503 + Retry-After, closed
+    ├── DeviceMemoryError           a batch ran out of device memory twice        -> 503 + Retry-After
     ├── DeadlineExceededError       the request waited past its deadline          -> 504
     ├── PayloadTooLargeError        a body over the upload limit                  -> 413
     ├── UnsupportedMediaTypeError   not an image/* body nor multipart with 'image' -> 415
@@ -27,6 +28,7 @@ __all__ = [
     "BadRequestError",
     "ClientDisconnectedError",
     "DeadlineExceededError",
+    "DeviceMemoryError",
     "DrainingError",
     "ManagementDisabledError",
     "NotReadyError",
@@ -60,6 +62,12 @@ class BodyBudgetError(ServerError):
         self.limit = limit
         self.retry_after_s = retry_after_s
         super().__init__(f"the server holds {limit} bytes of request bodies already; retry shortly")
+
+
+class DeviceMemoryError(ServerError):
+    def __init__(self, *, images: int, retry_after_s: int = 1) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the device ran out of memory for a batch of {images} image(s), even split; retry shortly")
 
 
 class DeadlineExceededError(ServerError):

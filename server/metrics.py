@@ -137,6 +137,11 @@ class Metrics:
             "Tasks whose removal is held until the store lists the same twice",
             registry=r,
         )
+        self.device_oom = Counter(
+            "piggyback_device_oom_total",
+            "Batches that ran out of device memory (split in two and retried once)",
+            registry=r,
+        )
         self.ready = Gauge("piggyback_ready", "1 once the backbone is loaded and warmed up", registry=r)
         self.compute_info = Gauge(
             "piggyback_compute_info",

@@ -27,13 +27,15 @@ from piggyback_core import (
     physical_cores,
     validate_task_name,
 )
+from piggyback_core import device as _device
 
 from .batcher import Batcher, BatchPolicy, BatchStats
+from .inference import InferenceService
 from .metrics import Metrics
 from .registry import TaskRegistry
 from .settings import Settings
 
-__all__ = ["Services", "StoreHealth", "build_services", "device_of"]
+__all__ = ["Services", "StoreHealth", "build_services", "device_of", "gpu_headroom", "keep_gpu_reserve"]
 
 log = logging.getLogger("piggyback.server")
 
@@ -52,6 +54,7 @@ class StoreHealth:
 class Services:
     settings: Settings
     device_thread: ThreadPoolExecutor
+    management: ThreadPoolExecutor  # uploads, deletions and store polls: never the inference workers
     backbone: Backbone
     engine: Engine
     registry: TaskRegistry
@@ -62,6 +65,15 @@ class Services:
     # once for a request that needs it (not queued behind the others)
     loaders: list[ThreadPoolExecutor] = field(default_factory=list)
     store_health: StoreHealth = field(default_factory=StoreHealth)
+    inference: InferenceService = field(init=False)
+    # set when the device failed in a way that makes it unusable (a sticky CUDA error): liveness fails
+    device_lost: BaseException | None = None
+    gpu_reserve: int = 0  # GPU bytes kept free beside a full cache (automatic budget on CUDA)
+
+    def __post_init__(self) -> None:
+        self.inference = InferenceService(
+            self.batcher, self.decoder, self.backbone.preprocessing, self.settings.max_image_pixels
+        )
 
     async def task(self, name: str) -> LoadedTask:
         """``name`` as the engine serves it; a task still loading in the background is loaded now."""
@@ -69,6 +81,11 @@ class Services:
         if self.registry.is_pending(name):
             await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.ensure, name)
         return self.engine.get_task(name)
+
+    def recheck_cache_budget(self) -> None:
+        """After tasks were added: see :func:`keep_gpu_reserve` (CUDA with the automatic budget)."""
+        if self.settings.cache_bytes == "auto" and self.gpu_reserve:
+            keep_gpu_reserve(self.engine, self.gpu_reserve)
 
     def shutdown(self) -> None:
         for pool in self.loaders:
@@ -78,8 +95,48 @@ class Services:
 
 def device_of(settings: Settings) -> str:
     if settings.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if _device.cuda_available() else "cpu"
     return settings.device
+
+
+def gpu_headroom(engine: Engine, max_batch_size: int) -> int:
+    """Free GPU memory after a warm-up of the largest batch the engine can form: ``max_batch_size``
+    uint8 images through the mixed path with weights built per batch (the workspace at its
+    largest), and on the stacked path the rows doubled by padding with every task's weights of the
+    largest layer side by side (``torch.cat`` of S tasks)."""
+    size = engine.backbone.preprocessing.crop_size
+    images = torch.zeros(max_batch_size, 3, size, size, dtype=torch.uint8)
+    tasks = list(engine.tasks.values())
+    if tasks:
+        rows = [tasks[i % len(tasks)] for i in range(max_batch_size)]
+        engine.run_mixed_host(images, rows)
+    else:
+        with torch.inference_mode():
+            engine.model(images.to(engine.device, engine.dtype))
+    scratch = None
+    if engine.mixed_path == "stacked":  # S tasks' weights of the largest layer built, then side by side
+        largest = max(m.weight.numel() for m in engine.backbone.masked)
+        scratch = torch.empty(2 * max_batch_size * largest, dtype=engine.dtype, device=engine.device)
+    free, _ = _device.mem_get_info(engine.device)
+    del scratch  # its block stays reserved by the caching allocator for the batches that need it
+    return free
+
+
+def keep_gpu_reserve(engine: Engine, reserve: int) -> int:
+    """Tasks added since the cache budget was set took GPU memory (masks, heads): shrink the budget
+    until the cache, full, would still leave ``reserve`` bytes free (what the largest batch needs
+    beside it). Returns the budget."""
+    cache = engine.cache
+    if engine.device.type != "cuda":
+        return cache.max_bytes
+    free, _ = _device.mem_get_info(engine.device)
+    left_when_full = free - (cache.max_bytes - cache.bytes)
+    if left_when_full < reserve:
+        budget = max(0, cache.max_bytes - (reserve - left_when_full))
+        log.warning("weight cache budget %.0f -> %.0f MiB: tasks added since start take GPU memory",
+                    cache.max_bytes / 2**20, budget / 2**20)  # fmt: skip
+        cache.resize(budget)
+    return cache.max_bytes
 
 
 def _cache_budget(settings: Settings, engine: Engine, max_batch_size: int) -> tuple[int, str]:
@@ -87,17 +144,19 @@ def _cache_budget(settings: Settings, engine: Engine, max_batch_size: int) -> tu
     if settings.cache_bytes != "auto":
         return settings.cache_bytes, "set"
     if engine.device.type == "cuda":
-        # after the backbone, the tasks and the activations of the largest batch (warmed up)
-        size = engine.backbone.preprocessing.crop_size
-        with torch.inference_mode():
-            engine.model(torch.zeros(max_batch_size, 3, size, size, device=engine.device, dtype=engine.dtype))
-        free, _ = torch.cuda.mem_get_info(engine.device)
-        return int(free * 0.8), f"auto: 80% of {free / 2**30:.1f} GiB free GPU memory"
+        free = gpu_headroom(engine, max_batch_size)
+        return int(free * 0.8), f"auto: 80% of {free / 2**30:.1f} GiB free GPU memory after the largest batch"
     available = available_memory_bytes()
     return available // 2, f"auto: half of {available / 2**30:.1f} GiB available memory"
 
 
-def build_services(settings: Settings, metrics: Metrics, device_thread: ThreadPoolExecutor, workers: int) -> Services:
+def build_services(
+    settings: Settings,
+    metrics: Metrics,
+    device_thread: ThreadPoolExecutor,
+    workers: int,
+    management: ThreadPoolExecutor,
+) -> Services:
     """Runs on ``device_thread``, like every other tensor operation of the server."""
     device = device_of(settings)
     started = time.perf_counter()
@@ -139,6 +198,9 @@ def build_services(settings: Settings, metrics: Metrics, device_thread: ThreadPo
     max_batch_size = settings.max_batch_size or (32 if device == "cuda" else 8)
     budget, how = _cache_budget(settings, engine, max_batch_size)
     engine.cache.resize(budget)
+    gpu_reserve = 0
+    if engine.device.type == "cuda" and settings.cache_bytes == "auto":
+        gpu_reserve = _device.mem_get_info(engine.device)[0] - budget  # the 20% the budget leaves
     per_task = engine.weights_nbytes
     log.info("weight cache: %.0f MiB (%s): built weights of %s task(s) of %.1f MiB", budget / 2**20, how,
              budget // per_task if per_task else "any number of", per_task / 2**20)  # fmt: skip
@@ -176,7 +238,22 @@ def build_services(settings: Settings, metrics: Metrics, device_thread: ThreadPo
         timeout_s=settings.request_timeout_s,
         cores=workers * torch.get_num_threads() if shared else 0,  # this runs on a worker: its threads
     )
-    batcher = Batcher(engine, policy, on_batch=on_batch, on_depth=metrics.queue_depth.set, executor=device_thread)
+    lost: list[Services] = []  # the Services below, once made
+
+    def on_device_lost(exc: BaseException) -> None:
+        log.critical("the device is unusable (%s): liveness fails so that the process is restarted", exc)
+        if lost:
+            lost[0].device_lost = exc
+
+    batcher = Batcher(
+        engine,
+        policy,
+        on_batch=on_batch,
+        on_depth=metrics.queue_depth.set,
+        executor=device_thread,
+        on_oom=metrics.device_oom.inc,
+        on_device_lost=on_device_lost,
+    )
     # On a CPU the workers already use every core: decoding in more threads oversubscribes them,
     # and torch's OpenMP threads then wait on descheduled peers (measured with 64 clients on 2
     # cores: 10.7 img/s with 2 decode threads). Decoding on the worker threads, between batches,
@@ -186,6 +263,18 @@ def build_services(settings: Settings, metrics: Metrics, device_thread: ThreadPo
         decoder = device_thread
     else:
         decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="piggyback-decode")
-    return Services(
-        settings, device_thread, backbone, engine, registry, batcher, decoder, torch.get_num_threads(), loaders
+    services = Services(
+        settings,
+        device_thread,
+        management,
+        backbone,
+        engine,
+        registry,
+        batcher,
+        decoder,
+        torch.get_num_threads(),
+        loaders,
     )
+    services.gpu_reserve = gpu_reserve
+    lost.append(services)
+    return services

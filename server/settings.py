@@ -37,7 +37,8 @@ class Settings(BaseSettings):
         "auto",
         description="how a batch that mixes tasks runs: segments (each layer once per task), stacked (the tasks "
         "stacked along channels, one grouped convolution per layer whatever their number; ResNet, VGG, "
-        "MobileNetV3 and EfficientNet only); auto: stacked on CUDA where the backbone allows it, else segments",
+        "MobileNetV3 and EfficientNet only); auto: segments (on CUDA too, until a GPU measurement says stacked "
+        "is faster)",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -1,26 +1,24 @@
 """``POST /classify/{task}`` (one image or several) and ``POST /classify?tasks=a,b,c`` (one image,
-several tasks, in one mixed batch), and the decode-and-batch pipeline the v2 protocol shares."""
+several tasks, in one mixed batch): a thin adapter over the inference service (server.inference)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Query, Request
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from piggyback_core import LoadedTask, Preprocessing, decode_image, predictions_from_logits, validate_task_name
+from piggyback_core import validate_task_name
 
 from ..deps import ClassifyAuth, MetricsDep, ServicesDep, SettingsDep, TaskName, errors, observe, read_body
 from ..errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from ..inference import ImageResult
 from ..schemas import ClassifyResponse, ImageResultPublic, MultiTaskResponse, TaskResultPublic
-from ..services import Services
 from ..settings import Settings
 
-__all__ = ["classify_images", "preprocessing_of", "router"]
+__all__ = ["image_parts", "router"]
 
 router = APIRouter(dependencies=[ClassifyAuth])
 
@@ -93,44 +91,8 @@ async def image_parts(request: Request, settings: Settings, *, max_images: int) 
     return images
 
 
-def preprocessing_of(services: Services, task: LoadedTask) -> Preprocessing:
-    return task.file.preprocessing or services.backbone.preprocessing
-
-
-def _prepare(services: Services, preprocessing: Preprocessing, data: bytes) -> torch.Tensor:
-    image = decode_image(
-        data, max_pixels=services.settings.max_image_pixels, draft_min_side=preprocessing.decode_min_side
-    )
-    return preprocessing(image)
-
-
-async def decode(services: Services, preprocessing: Preprocessing, images: list[bytes]) -> list[torch.Tensor]:
-    """Each image decoded and preprocessed, on the decoding threads (the workers on a CPU)."""
-    loop = asyncio.get_running_loop()
-    for _ in images:
-        services.batcher.expect()  # a batch closing now waits for these images (see batcher.py)
-    try:
-        return list(
-            await asyncio.gather(
-                *(loop.run_in_executor(services.decoder, _prepare, services, preprocessing, d) for d in images)
-            )
-        )
-    finally:
-        for _ in images:
-            services.batcher.arrived()
-
-
-async def classify_images(
-    services: Services, task: LoadedTask, images: list[bytes], *, timeout_s: float | None = None
-) -> list[tuple[torch.Tensor, int]]:
-    """Logits and batch size of each image, for one task: decoded, then queued together."""
-    tensors = await decode(services, preprocessing_of(services, task), images)
-    return await services.batcher.submit_many([(task, t) for t in tensors], timeout_s=timeout_s)
-
-
-def _image_result(task: LoadedTask, logits: torch.Tensor, batch_size: int, top_k: int) -> ImageResultPublic:
-    predictions = predictions_from_logits(logits, task.labels, top_k)
-    return ImageResultPublic(predictions=[vars(p) for p in predictions], batch_size=batch_size)
+def _image_result(result: ImageResult) -> ImageResultPublic:
+    return ImageResultPublic(predictions=[vars(p) for p in result.predictions], batch_size=result.batch_size)
 
 
 TopK = Annotated[int, Query(ge=1, le=1000, description="number of predictions")]
@@ -150,8 +112,7 @@ async def classify(
         loaded = await services.task(task)
         seen.label = metrics.task_label(task)
         images = await image_parts(request, settings, max_images=settings.max_images_per_request)
-        outputs = await classify_images(services, loaded, images)
-        results = [_image_result(loaded, logits, size, top_k) for logits, size in outputs]
+        results = [_image_result(r) for r in await services.inference.classify(loaded, images, top_k=top_k)]
         seen.status, seen.batch_size = 200, max(r.batch_size for r in results)
         return ClassifyResponse(
             task=task,
@@ -190,17 +151,10 @@ async def classify_tasks(
         images = await image_parts(request, settings, max_images=1)
         if len(images) != 1:
             raise BadRequestError("send one image to classify with several tasks")
-        # one decode per distinct preprocessing among the tasks
-        by_preprocessing: dict[Preprocessing, torch.Tensor] = {}
-        for t in loaded:
-            p = preprocessing_of(services, t)
-            if p not in by_preprocessing:
-                by_preprocessing[p] = (await decode(services, p, images))[0]
-        items = [(t, by_preprocessing[preprocessing_of(services, t)]) for t in loaded]
-        outputs = await services.batcher.submit_many(items)
+        outputs = await services.inference.classify_tasks(loaded, images[0], top_k=top_k)
         results = [
-            TaskResultPublic(task=t.name, version=t.version, **vars(_image_result(t, logits, size, top_k)))
-            for t, (logits, size) in zip(loaded, outputs, strict=True)
+            TaskResultPublic(task=t.name, version=t.version, **vars(_image_result(r)))
+            for t, r in zip(loaded, outputs, strict=True)
         ]
         seen.status, seen.batch_size = 200, max(r.batch_size for r in results)
         return MultiTaskResponse(results=results)

@@ -22,6 +22,9 @@ router = APIRouter(dependencies=[OpsAuth])
 async def healthz(request: Request) -> HealthResponse:
     if request.app.state.startup_error is not None:  # a failed start is not alive: restart me
         raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
+    services = request.app.state.services
+    if services is not None and services.device_lost is not None:  # a sticky CUDA error: restart me
+        raise NotReadyError(f"the device is unusable: {services.device_lost}")
     return HealthResponse(status="ok")
 
 

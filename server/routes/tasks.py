@@ -99,11 +99,12 @@ async def put_task(
     data = await read_body(request, settings.max_task_bytes, "task file")
     try:
         registration = await asyncio.get_running_loop().run_in_executor(
-            services.device_thread, services.registry.register, task, data
+            services.management, services.registry.register, task, data
         )
     except PiggybackError:
         metrics.registrations.labels("error").inc()
         raise
+    services.recheck_cache_budget()
     metrics.registrations.labels("created" if registration.created else "replaced").inc()
     metrics.refresh_tasks(services.engine)
     response.status_code = 201 if registration.created else 200
@@ -121,7 +122,7 @@ async def put_task(
 )
 async def delete_task(task: TaskName, services: ServicesDep, metrics: MetricsDep) -> Response:
     validate_task_name(task)
-    await asyncio.get_running_loop().run_in_executor(services.device_thread, services.registry.delete, task)
+    await asyncio.get_running_loop().run_in_executor(services.management, services.registry.delete, task)
     metrics.deletions.inc()
     metrics.refresh_tasks(services.engine)
     log.info("task %r deleted", task)

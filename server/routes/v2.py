@@ -48,12 +48,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from piggyback_core import LoadedTask, PiggybackError, __version__, predictions_from_logits
+from piggyback_core import LoadedTask, PiggybackError, Prediction, __version__
 
 from ..deps import (
     ClassifyAuth,
@@ -68,10 +67,10 @@ from ..deps import (
     status_for,
 )
 from ..errors import BadRequestError, NotReadyError, VersionNotFoundError
+from ..inference import ImageResult
 from ..metrics import Metrics
 from ..services import Services
 from ..settings import Settings
-from .classify import classify_images, preprocessing_of
 
 __all__ = ["EXTENSIONS", "error", "router"]
 
@@ -206,6 +205,9 @@ class ModelReady(BaseModel):
 async def live(request: Request) -> Live:
     if request.app.state.startup_error is not None:
         raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
+    services = request.app.state.services
+    if services is not None and services.device_lost is not None:
+        raise NotReadyError(f"the device is unusable: {services.device_lost}")
     return Live(live=True)
 
 
@@ -227,7 +229,7 @@ async def _model(services: Services, task: str, version: str | None) -> LoadedTa
 
 
 def _metadata(services: Services, task: LoadedTask) -> ModelMetadata:
-    size = preprocessing_of(services, task).crop_size
+    size = services.inference.input_size(task)
     return ModelMetadata(
         name=task.name,
         versions=[task.version],
@@ -347,7 +349,7 @@ class _Parsed:
     request: InferenceRequest
     requested: list[tuple[int | None, bool]]
     timeout_s: float | None
-    inputs: list[bytes] | torch.Tensor  # encoded images, or pixels [N, 3, H, W]
+    inputs: list[bytes] | np.ndarray  # encoded images, or pixels float32 [N, 3, H, W]
 
 
 def _parse(header_length: str | None, body: bytes, size: int, limit: int) -> _Parsed:
@@ -371,7 +373,7 @@ def _parse(header_length: str | None, body: bytes, size: int, limit: int) -> _Pa
     timeout_s = None if timeout is None else timeout / 1e6
     requested = _requested(req)
     if tensor.name == "image":
-        inputs: list[bytes] | torch.Tensor = _images(tensor, raw.get("image"), limit)
+        inputs: list[bytes] | np.ndarray = _images(tensor, raw.get("image"), limit)
     else:
         inputs = _pixels(tensor, raw.get("pixels"), size, limit)
     return _Parsed(req, requested, timeout_s, inputs)
@@ -444,7 +446,7 @@ def _images(tensor: RequestInput, raw: bytes | None, limit: int) -> list[bytes]:
     return images
 
 
-def _pixels(tensor: RequestInput, raw: bytes | None, size: int, limit: int) -> torch.Tensor:
+def _pixels(tensor: RequestInput, raw: bytes | None, size: int, limit: int) -> np.ndarray:
     """An FP32 input ``[N, 3, size, size]``: little-endian floats (binary) or numbers (JSON)."""
     shape = tensor.shape
     if len(shape) != 4 or shape[1:] != [3, size, size]:
@@ -461,15 +463,15 @@ def _pixels(tensor: RequestInput, raw: bytes | None, size: int, limit: int) -> t
         if len(values) != count or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             raise BadRequestError(f"input 'pixels' must hold {count} numbers for shape {shape}")
         array = np.asarray(values, dtype=np.float32)
-    pixels = torch.from_numpy(array.astype(np.float32).reshape(shape))
-    if not bool(torch.isfinite(pixels).all()):
+    pixels = array.astype(np.float32).reshape(shape)
+    if not np.isfinite(pixels).all():
         raise BadRequestError("input 'pixels' holds non-finite values")
     return pixels
 
 
-def _classes(logits: torch.Tensor, labels: tuple[str, ...], k: int) -> list[str]:
+def _classes(predictions: list[Prediction]) -> list[str]:
     """The classification extension's strings, from the predictions ``/classify`` gives."""
-    return [f"{p.score!r}:{p.index}:{p.label}" for p in predictions_from_logits(logits, labels, k)]
+    return [f"{p.score!r}:{p.index}:{p.label}" for p in predictions]
 
 
 def _requested(req: InferenceRequest) -> list[tuple[int | None, bool]]:
@@ -532,36 +534,37 @@ async def _infer(
         body = await read_body(request, settings.max_image_bytes + 64 * 1024, "inference request")
         # Parsing a JSON body of up to 20 MiB (a pixels tensor as numbers) takes long enough to stall
         # every other request: it runs on the decoding threads (the workers on a CPU), as decoding does.
-        size = preprocessing_of(services, loaded).crop_size
+        size = services.inference.input_size(loaded)
         parsed = await asyncio.get_running_loop().run_in_executor(
             services.decoder, _parse, request.headers.get(HEADER_LENGTH), body, size, settings.max_images_per_request
         )
+        top_k = max((k or 0 for k, _ in parsed.requested), default=0)  # the classification extension's K
         if isinstance(parsed.inputs, list):
-            outputs = await classify_images(services, loaded, parsed.inputs, timeout_s=parsed.timeout_s)
+            results = await services.inference.classify(loaded, parsed.inputs, top_k=top_k, timeout_s=parsed.timeout_s)
         else:
-            items = [(loaded, p) for p in parsed.inputs]
-            outputs = await services.batcher.submit_many(items, timeout_s=parsed.timeout_s)
-        logits = torch.stack([row for row, _ in outputs])
-        seen.batch_size = max(size for _, size in outputs)
-        response = _response(parsed.request, parsed.requested, loaded, logits)
+            results = await services.inference.classify_pixels(
+                loaded, parsed.inputs, top_k=top_k, timeout_s=parsed.timeout_s
+            )
+        seen.batch_size = max(r.batch_size for r in results)
+        response = _response(parsed.request, parsed.requested, loaded, results)
         seen.status = 200
         return response
 
 
 def _response(
-    req: InferenceRequest, requested: list[tuple[int | None, bool]], task: LoadedTask, logits: torch.Tensor
+    req: InferenceRequest, requested: list[tuple[int | None, bool]], task: LoadedTask, results: list[ImageResult]
 ) -> Response:
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for k, binary in requested:
         entry: dict[str, Any] = {"name": OUTPUT}
         if k is not None:
-            rows = [_classes(row, task.labels, k) for row in logits]
+            rows = [_classes(r.predictions[:k]) for r in results]
             flat = [s for row in rows for s in row]
             entry |= {"datatype": "BYTES", "shape": [len(rows), len(rows[0])]}
             blob, data = (_serialize_bytes(flat), None) if binary else (None, flat)
         else:
-            array = logits.float().numpy()
+            array = np.stack([r.logits for r in results])
             entry |= {"datatype": "FP32", "shape": list(array.shape)}
             blob, data = (array.astype("<f4").tobytes(), None) if binary else (None, array.reshape(-1).tolist())
         if blob is not None:

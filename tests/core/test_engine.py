@@ -205,7 +205,42 @@ def test_bad_batches_are_refused_with_engine_errors(resnet18: Backbone) -> None:
     with pytest.raises(EngineError, match="3 images for 2 task names"):
         engine.run_mixed(torch.zeros(3, 3, 32, 32), ["a", "a"])
     with pytest.raises(EngineError, match="floating point"):
-        engine.run("a", torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        engine.run("a", torch.zeros(1, 3, 32, 32, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uint8_images_normalised_by_the_engine_give_the_logits_of_host_preprocessing(
+    resnet18: Backbone, dtype: torch.dtype
+) -> None:
+    from piggyback_core import Preprocessing
+
+    engine = Engine(resnet18, dtype=dtype)
+    other = Preprocessing(resize_size=36, crop_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    engine.add_task(make_task(resnet18, "a"))
+    engine.add_task(make_task(resnet18, "b", seed=1, preprocessing=other))
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    names = ["a", "b", "b", "a"]
+    preprocessings = [other if n == "b" else resnet18.preprocessing for n in names]
+    # what Preprocessing.__call__ computes on the host, in numpy float32
+    by_host = torch.stack(
+        [
+            torch.from_numpy(
+                ((pixels[i].permute(1, 2, 0).numpy().astype("float32") / 255.0 - _f32(p.mean)) / _f32(p.std))
+                .transpose(2, 0, 1)
+                .copy()
+            )
+            for i, p in enumerate(preprocessings)
+        ]
+    )
+    expected = engine.run_mixed(by_host, names)
+    got = engine.run_mixed_host(pixels, names)
+    assert len(got) == 4
+    for i in range(4):
+        assert torch.equal(got.row(i), expected[i]), i
+
+
+def _f32(values: tuple[float, ...]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
 
 
 @pytest.mark.parametrize("kind", ["binary", "ternary"])

@@ -76,8 +76,9 @@ def test_cuda_mixed_batches_run_stacked_and_equal_task_by_task_in_a_fixed_number
     from tests.core.test_engine import _count_ops
 
     backbone = load_backbone("resnet50", weights="random", seed=0)
-    engine = Engine(backbone, device="cuda", dtype=torch.float16, channels_last=True, cache_bytes=1 << 32)
-    assert engine.mixed_path == "stacked"  # auto on CUDA for a ResNet
+    engine = Engine(
+        backbone, device="cuda", dtype=torch.float16, channels_last=True, cache_bytes=1 << 32, mixed_path="stacked"
+    )
     names = [f"t{i}" for i in range(8)]
     for i, name in enumerate(names):
         engine.add_task(make_task(backbone, name, num_labels=3 + i, norms=i % 2 == 1, seed=i))

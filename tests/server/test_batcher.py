@@ -7,7 +7,7 @@ from collections import deque
 import torch
 
 from piggyback_core import Backbone, Engine
-from server.batcher import Batcher, BatchPolicy, BatchStats, _Request
+from server.batcher import Batcher, BatchPolicy, BatchStats, ImageResult, _Request
 from server.errors import NotReadyError
 from tests.server.conftest import small_task
 
@@ -37,7 +37,7 @@ def test_stop_drains_every_admitted_request_and_then_refuses_new_ones(resnet18: 
         return results, None
 
     results, refused = asyncio.run(scenario())
-    assert all(isinstance(r, tuple) and r[0].shape == (5,) for r in results), results
+    assert all(isinstance(r, ImageResult) and r.logits.shape == (5,) for r in results), results
     assert refused is not None
 
 
@@ -122,7 +122,7 @@ def _batches_a_cold_request_waits(cls: type[Batcher], backbone: Backbone) -> lis
 
     def request(name: str) -> _Request:
         batcher._pending += 1
-        return _Request(engine.get_task(name), torch.empty(0), next(clock), float("inf"), loop.create_future())
+        return _Request(engine.get_task(name), torch.empty(0), 0, next(clock), float("inf"), loop.create_future())
 
     batcher._queues["hot"] = deque(request("hot") for _ in range(40))
     waited: dict[str, int] = {}
@@ -157,7 +157,7 @@ def test_a_batch_is_made_of_whole_task_groups_not_round_robin(resnet18: Backbone
     batcher = Batcher(engine, BatchPolicy(max_batch_size=8, queue_size=100))
     for t, name in enumerate(["a"] * 6 + ["b"] * 6 + ["c"]):
         batcher._queues.setdefault(name, deque()).append(
-            _Request(engine.get_task(name), torch.empty(0), float(t), float("inf"), loop.create_future())
+            _Request(engine.get_task(name), torch.empty(0), 0, float(t), float("inf"), loop.create_future())
         )
         batcher._pending += 1
     first = [r.task.name for r in batcher._take()]
@@ -183,7 +183,7 @@ def test_batches_in_flight_never_hold_more_threads_than_the_cores(resnet18: Back
     seen: list[tuple[int, int]] = []  # (threads of this batch, threads held by all batches in flight)
     held = [0]
     lock = threading.Lock()
-    run_mixed = engine.run_mixed
+    run_mixed = engine.run_mixed_host
 
     def recording(images, tasks):  # noqa: ANN001, ANN202
         threads = torch.get_num_threads()
@@ -197,7 +197,7 @@ def test_batches_in_flight_never_hold_more_threads_than_the_cores(resnet18: Back
             with lock:
                 held[0] -= threads
 
-    engine.run_mixed = recording  # type: ignore[method-assign]
+    engine.run_mixed_host = recording  # type: ignore[method-assign]
 
     async def scenario(requests: int) -> None:
         policy = BatchPolicy(max_batch_size=4, max_wait_s=0.001, queue_size=256, workers=2, cores=2)

@@ -29,7 +29,9 @@ from .bitpack import (
 )
 from .data import ImageFolderDataset, ShardedBatchSampler, train_transform
 from .engine import (
+    CPU_PATHS,
     MIXED_PATHS,
+    CpuPath,
     Engine,
     HostLogits,
     LoadedTask,
@@ -98,6 +100,7 @@ from .masking import (
     use_plan,
 )
 from .names import TASK_NAME_PATTERN, validate_task_name
+from .packed import PACKED_OPS, PackedNetwork, packed_supported
 from .s3store import S3Store
 from .store import FileSystemStore, MaskStore, StoreChanges, StoredTask, TaskBlob, diff_snapshots, open_store
 from .taskfile import FORMAT_VERSION, LayerInfo, TaskFile
@@ -121,6 +124,8 @@ __all__ = [
     "DatasetError",
     "EpochLog",
     "EvalReport",
+    "CPU_PATHS",
+    "CpuPath",
     "Engine",
     "HostLogits",
     "MIXED_PATHS",
@@ -143,6 +148,8 @@ __all__ = [
     "MaskedLinear",
     "MaskedMultiheadAttention",
     "MaskedParam",
+    "PACKED_OPS",
+    "PackedNetwork",
     "MissingTensorError",
     "NormParams",
     "PiggybackError",
@@ -170,6 +177,7 @@ __all__ = [
     "WeightCache",
     "WeightsError",
     "open_store",
+    "packed_supported",
     "__version__",
     "apply_packed_mask",
     "apply_packed_masks",

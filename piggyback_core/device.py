@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "cached_unused",
     "capability",
     "cuda_available",
     "empty_cache",
@@ -40,6 +41,12 @@ def mem_get_info(device: torch.device | str) -> tuple[int, int]:
     """(free, total) bytes of the GPU's memory."""
     free, total = torch.cuda.mem_get_info(torch.device(device))
     return int(free), int(total)
+
+
+def cached_unused(device: torch.device) -> int:
+    """Bytes the caching allocator holds but no tensor uses: free for this process, though the
+    driver (``mem_get_info``) counts them as taken."""
+    return int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def pin(tensor: Tensor) -> Tensor:

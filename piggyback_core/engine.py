@@ -33,10 +33,13 @@ from .bitpack import MaskKind, unpack_binary, unpack_ternary
 from .errors import EngineError, TaskNotFoundError
 from .images import Preprocessing
 from .masking import NormParams, use_plan
+from .packed import PackedNetwork, packed_supported, use_weights
 from .taskfile import TaskFile
 
 __all__ = [
+    "CPU_PATHS",
     "MIXED_PATHS",
+    "CpuPath",
     "Engine",
     "HostLogits",
     "LoadedTask",
@@ -49,6 +52,12 @@ __all__ = [
 
 
 log = logging.getLogger("piggyback.engine")
+
+# How a CPU runs a batch: "packed" (BatchNorm folded, post-ops fused, each task's weights prepacked
+# for oneDNN: piggyback_core.packed), "reference" (weight * mask into the torchvision modules), or
+# "auto" (packed where the CPU has AVX-512 or AMX and the network traces).
+CpuPath = Literal["auto", "packed", "reference"]
+CPU_PATHS: tuple[str, ...] = get_args(CpuPath)
 
 # How a batch that mixes tasks runs: "segments" (each masked layer once per task segment; on a CPU
 # small outputs as unfold + one matmul per task), "stacked" (the tasks stacked along channels, one
@@ -455,6 +464,7 @@ class Engine:
         channels_last: bool = False,
         cache_bytes: int = 0,
         mixed_path: MixedPath = "auto",
+        cpu_path: CpuPath = "auto",
     ) -> None:
         self.device = torch.device(device)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -483,6 +493,22 @@ class Engine:
         if mixed_path == "auto":
             mixed_path = "segments"  # see MixedPath: stacked only when asked for, until measured faster
         self.mixed_path: MixedPath = mixed_path
+        if cpu_path not in CPU_PATHS:
+            raise ValueError(f"unknown CPU path {cpu_path!r}; expected one of {', '.join(CPU_PATHS)}")
+        self._packed: PackedNetwork | None = None
+        wanted = cpu_path == "packed" or (cpu_path == "auto" and packed_supported())
+        if wanted and self.device.type == "cpu" and mixed_path == "segments" and dtype != torch.float16:
+            try:
+                self._packed = PackedNetwork(self.model, backbone.preprocessing.crop_size, dtype)
+                self._weights_nbytes = self._packed.nbytes(itemsize * sum(
+                    m.weight.numel() for m in backbone.masked if m.key not in self._packed.layers
+                ))  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - torch.fx cannot trace it: the reference path serves
+                log.warning("%s: no packed CPU path (%s: %s); the reference path serves", backbone.arch,
+                            type(exc).__name__, exc)  # fmt: skip
+        elif cpu_path == "packed":
+            raise ValueError("the packed CPU path needs a CPU device, the segments mixed path and float32 or bfloat16")
+        self.cpu_path: CpuPath = "packed" if self._packed is not None else "reference"
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -552,10 +578,19 @@ class Engine:
             return put((task.name, task.version), weights)
 
     def build_weights(self, task: str | LoadedTask) -> dict[str, Tensor]:
-        """Every masked weight of ``task`` built (``weight * mask`` in the compute dtype)."""
+        """Every masked weight of ``task`` built (``weight * mask`` in the compute dtype); on the
+        packed CPU path, its fused layers' folded, masked and prepacked weights and biases."""
         t = self.get_task(task) if isinstance(task, str) else task
+        weights = {mp.key: mp.weight for mp in self.backbone.masked}
         with torch.inference_mode():
-            return {mp.key: apply_packed_mask(mp.weight, t.masks[mp.key], t.mask_kind) for mp in self.backbone.masked}
+            if self._packed is not None:
+                return self._packed.build(
+                    t.masks,
+                    t.mask_kind,
+                    t.norms,
+                    lambda key: apply_packed_mask(weights[key], t.masks[key], t.mask_kind),
+                )
+            return {key: apply_packed_mask(w, t.masks[key], t.mask_kind) for key, w in weights.items()}
 
     def pin(self, name: str) -> None:
         """Build ``name``'s weights now and keep them in the cache until :meth:`unpin` (the first
@@ -652,7 +687,7 @@ class Engine:
             host = self._workspace.pinned(flat.numel(), torch.float32, "logits")[: flat.numel()]
             host.copy_(flat, non_blocking=True)
             _device.synchronize(flat.device)
-            flat = host
+            flat = host.clone()  # the pinned buffer is reused by this thread's next batch
         # row i of the request order: its segment's place in the flat buffer
         sizes = [t.head_weight.shape[0] for a, b, t in segments for _ in range(b - a)]
         starts = [0]
@@ -671,7 +706,9 @@ class Engine:
 
     def stage(self, images: Sequence[Tensor]) -> Tensor:
         """``images`` (each ``[3, H, W]``, one dtype) stacked into one host batch: on CUDA into this
-        thread's pinned staging buffer, so that the copy to the device is asynchronous."""
+        thread's pinned staging buffer, so that the copy to the device is asynchronous. The buffer
+        is reused by the thread's next ``stage``: pass the result to :meth:`run_mixed_host` (which
+        waits for the device before it returns), not to an asynchronous call."""
         if self.device.type == "cpu":
             return torch.stack(list(images))
         first = images[0]
@@ -725,7 +762,37 @@ class Engine:
         longest = max(b - a for a, b, _ in segments)
         return len(segments) * longest <= 2 * segments[-1][1]
 
+    def _forward_packed(self, images: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> list[Tensor]:
+        """Each segment through the packed network with its task's packed weights (cached or built
+        now), the layers the pass left through the reference path with the same weights."""
+        assert self._packed is not None
+        logits = []
+        with torch.inference_mode():
+            x = self._input(images, segments)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for a, b, t in segments:
+                weights = self._task_weights(t)
+                with use_plan(_OneTask(t, weights)), use_weights(weights):
+                    features = self._packed.graph(x[a:b])
+                logits.append(F.linear(features, t.head_weight, t.head_bias).float())
+        return logits
+
+    def _task_weights(self, task: LoadedTask) -> dict[str, Tensor]:
+        """``task``'s built weights: from the cache, or built now (and cached if they fit)."""
+        cache = self.cache
+        if cache.max_bytes > 0:
+            cached = cache.get((task.name, task.version))
+            if cached is not None:
+                return cached
+        weights = self.build_weights(task)
+        if cache.max_bytes > 0 and cache.admits(self._weights_nbytes):
+            self._cache_put(task, weights)
+        return weights
+
     def _forward(self, images: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> list[Tensor]:
+        if self._packed is not None:
+            return self._forward_packed(images, segments)
         tasks = [t for _, _, t in segments]
         stack = self._stacks(segments)
         plan = _Plan(
@@ -778,6 +845,30 @@ class Engine:
                 )
                 constants = self._normalizers[preprocessing] = (mean.to(self.device), std.to(self.device))
             return constants
+
+
+class _OneTask:
+    """The MaskPlan of one task's segment on the packed path: the layers the pass left read the
+    same built weights (and the task's own BatchNorm) as the fused ones."""
+
+    stack = 0
+
+    def __init__(self, task: LoadedTask, weights: dict[str, Tensor]) -> None:
+        self.task = task
+        self.weights = weights
+        self.bounds = [(0, 1 << 62)]
+
+    def weight(self, segment: int, key: str, weight: Tensor) -> Tensor:
+        return self.weights[key]
+
+    def norm(self, segment: int, name: str) -> NormParams | None:
+        return self.task.norms.get(name)
+
+    def stacked_weight(self, key: str, weight: Tensor) -> Tensor:
+        raise AssertionError("a packed segment is never stacked")
+
+    def stacked_norm(self, name: str, own: NormParams) -> NormParams:
+        raise AssertionError("a packed segment is never stacked")
 
 
 def _stack_segments(x: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> tuple[Tensor, int]:

@@ -86,8 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 engine = services.engine
                 metrics.compute_info.labels(dtype_name(engine.dtype), engine.layout).set(1)
                 metrics.watch_engine(engine)
-                log.info("ready: %s on %s, %s, %s, %d worker(s) x %d thread(s)", services.backbone.arch,
-                         engine.device, dtype_name(engine.dtype), engine.layout, workers, threads)  # fmt: skip
+                log.info("ready: %s on %s, %s, %s, %s path, %d worker(s) x %d thread(s)", services.backbone.arch,
+                         engine.device, dtype_name(engine.dtype), engine.layout, engine.cpu_path if
+                         engine.device.type == "cpu" else "cuda", workers, threads)  # fmt: skip
             except Exception as exc:
                 app.state.startup_error = exc
                 if isinstance(exc, PiggybackError | OSError):
@@ -132,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.store_syncs.labels("removed").inc(len(report.removed))
                 metrics.store_syncs.labels("failed").inc(len(report.failed))
                 if report.loaded or report.removed:
-                    services.recheck_cache_budget()
+                    await loop.run_in_executor(management, services.recheck_cache_budget)
                     log.info("store sync: loaded %s, removed %s", report.loaded, report.removed)
                     metrics.refresh_tasks(services.engine)
 
@@ -147,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine, built = services.engine, 0
             while services.registry.loading:  # ready_after=backbone: the tasks are still loading
                 await asyncio.sleep(0.2)
+            await loop.run_in_executor(management, services.recheck_cache_budget)  # their masks took memory
             for name in sorted(engine.tasks, key=lambda n: hashlib.sha256(n.encode()).digest()):
                 if engine.cache.free_bytes < engine.weights_nbytes:
                     break

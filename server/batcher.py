@@ -334,7 +334,8 @@ class Batcher:
                 if _device.is_sticky_error(exc):
                     self._on_device_lost(exc)
                 raise
-        # Out of device memory: the allocator's cache emptied, each half retried once.
+        # Out of device memory (outside the except: its traceback no longer holds the failed frames'
+        # tensors): the allocator's cache emptied, each half retried once.
         self._on_oom()
         _device.empty_cache(self.engine.device)
         halves = [reqs] if len(reqs) == 1 else [reqs[: len(reqs) // 2], reqs[len(reqs) // 2 :]]
@@ -359,7 +360,7 @@ class Batcher:
 
     def _compute(self, reqs: list[_Request]) -> list[tuple[np.ndarray, list[Prediction]]]:
         host = self.device_part(reqs)
-        flat = host.flat.numpy().copy()  # the pinned buffer is this thread's: the next batch reuses it
+        flat = host.flat.numpy()
         out = []
         for i, r in enumerate(reqs):
             row = host.row(i)

@@ -131,7 +131,8 @@ def services_of(request: Request) -> Services:
     """The app's services once loaded and warmed up; NotReadyError (503) before."""
     if request.app.state.lifecycle.draining:
         # refused before any handler runs: the access line is written here, with its request id
-        _access_line(request, request.url.path, task="", status=503, latency_ms=0.0, batch_size=0)
+        path = urllib.parse.quote(request.url.path[:256])  # decoded by the server: %0A would be a newline
+        _access_line(request, path, task="", status=503, latency_ms=0.0, batch_size=0)
         raise DrainingError()
     services: Services | None = request.app.state.services
     if services is None:

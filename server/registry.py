@@ -13,9 +13,10 @@
   what another replica registered or deleted is served here within one poll interval.
 * **An empty listing is not an empty store.** A sync that would remove ``removal_guard`` of the
   tasks or more at once (default 1.0: every task) is held until the next sync lists exactly the
-  same; an unmounted volume or an S3 permission change then costs nothing (the removals are held,
-  logged loudly, and counted), and a real mass deletion is applied one poll later. Additions and
-  changes in the same listing are applied at once.
+  same: a listing that flaps (a volume remounting, a transient permission error that lists
+  nothing) costs nothing, and is logged loudly and counted; a mass deletion, or an outage that
+  lasts two polls, is applied one poll later. Additions and changes in the same listing are
+  applied at once.
 * **One file is never the process's problem.** Any failure to read one task file (a hostile
   header, a bug in a parser) is that file's error: logged, reported in ``failed``, skipped.
 * ``start_background`` is the start-up load of ``ready_after=backbone``: every task of the store is
@@ -147,8 +148,13 @@ class TaskRegistry:
             outcome = self._read(name)  # outside the lock: in parallel
             with self._lock:
                 if self._pending.get(name) is entry:  # else a registration or deletion came first, and wins
-                    self._apply(name, outcome, entry.version)
-                    del self._pending[name]  # only now: a reader sees it pending or applied, never neither
+                    try:
+                        self._apply(name, outcome, entry.version)
+                    except Exception as exc:  # the engine could not take it (e.g. out of device memory)
+                        self.failed[name] = entry.version
+                        log.error("task %r could not be loaded: %s", name, exc)
+                    finally:
+                        del self._pending[name]  # only now: a reader sees it pending or applied, never neither
         finally:
             entry.done.set()
 

@@ -108,6 +108,7 @@ class ReadyResponse(BaseModel):
     dtype: str = Field(description="compute dtype: float32, bfloat16 or float16")
     layout: str = Field(description="activation layout: channels_last or contiguous")
     mixed_path: str = Field(description="how batches that mix tasks run: segments or stacked")
+    cpu_path: str = Field("reference", description="packed (fused, prepacked oneDNN weights) or reference")
     tasks: int
     tasks_loading: int = Field(description="tasks still loading in the background (ready_after=backbone)")
     workers: int = Field(description="batches computed at once")

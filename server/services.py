@@ -129,7 +129,8 @@ def keep_gpu_reserve(engine: Engine, reserve: int) -> int:
     cache = engine.cache
     if engine.device.type != "cuda":
         return cache.max_bytes
-    free, _ = _device.mem_get_info(engine.device)
+    # what the allocator holds unused (e.g. weights just evicted) is free for this process
+    free = _device.mem_get_info(engine.device)[0] + _device.cached_unused(engine.device)
     left_when_full = free - (cache.max_bytes - cache.bytes)
     if left_when_full < reserve:
         budget = max(0, cache.max_bytes - (reserve - left_when_full))
@@ -167,6 +168,7 @@ def build_services(
         dtype=parse_dtype(settings.dtype, device),
         channels_last=parse_layout(settings.layout, settings.backbone),
         mixed_path=settings.mixed_path,
+        cpu_path=settings.cpu_path,
     )
     registry = TaskRegistry(engine, open_store(settings.store), removal_guard=settings.store_removal_guard)
 
@@ -200,7 +202,8 @@ def build_services(
     engine.cache.resize(budget)
     gpu_reserve = 0
     if engine.device.type == "cuda" and settings.cache_bytes == "auto":
-        gpu_reserve = _device.mem_get_info(engine.device)[0] - budget  # the 20% the budget leaves
+        free = _device.mem_get_info(engine.device)[0] + _device.cached_unused(engine.device)
+        gpu_reserve = free - budget  # the 20% the budget leaves
     per_task = engine.weights_nbytes
     log.info("weight cache: %.0f MiB (%s): built weights of %s task(s) of %.1f MiB", budget / 2**20, how,
              budget // per_task if per_task else "any number of", per_task / 2**20)  # fmt: skip

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         "MobileNetV3 and EfficientNet only); auto: segments (on CUDA too, until a GPU measurement says stacked "
         "is faster)",
     )
+    cpu_path: Literal["auto", "packed", "reference"] = Field(
+        "auto",
+        description="how a CPU runs a batch: packed (BatchNorm folded, post-ops fused, each task's weights "
+        "prepacked for oneDNN), reference (weight * mask in the torchvision modules); auto: packed where the CPU "
+        "has AVX-512 or AMX and the backbone traces",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: SecretStr | None = Field(None, description="bearer token for PUT/DELETE /tasks")
@@ -171,6 +177,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"queue_size ({self.queue_size}) is below max_images_per_request ({self.max_images_per_request}): "
                 "a request with that many images could never be queued"
+            )
+        if self.queue_size < self.max_tasks_per_request:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) is below max_tasks_per_request ({self.max_tasks_per_request}): "
+                "a request for that many tasks could never be queued"
             )
         largest = max(self.max_task_bytes, self.max_image_bytes + 64 * 1024)
         if self.max_body_bytes_in_flight < largest:

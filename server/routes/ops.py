@@ -30,6 +30,8 @@ async def healthz(request: Request) -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, responses=errors(401, 503), summary="Readiness")
 async def readyz(services: ServicesDep) -> ReadyResponse:
+    if services.device_lost is not None:  # liveness fails too: the process is about to be restarted
+        raise NotReadyError(f"the device is unusable: {services.device_lost}")
     engine, health = services.engine, services.store_health
     return ReadyResponse(
         status="ready",
@@ -39,6 +41,7 @@ async def readyz(services: ServicesDep) -> ReadyResponse:
         dtype=dtype_name(engine.dtype),
         layout=engine.layout,
         mixed_path=engine.mixed_path,
+        cpu_path=engine.cpu_path,
         tasks=len(engine.tasks),
         tasks_loading=services.registry.loading,
         workers=services.batcher.policy.workers,

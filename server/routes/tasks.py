@@ -104,7 +104,7 @@ async def put_task(
     except PiggybackError:
         metrics.registrations.labels("error").inc()
         raise
-    services.recheck_cache_budget()
+    await asyncio.get_running_loop().run_in_executor(services.management, services.recheck_cache_budget)
     metrics.registrations.labels("created" if registration.created else "replaced").inc()
     metrics.refresh_tasks(services.engine)
     response.status_code = 201 if registration.created else 200

@@ -381,7 +381,7 @@ def _parse(header_length: str | None, body: bytes, size: int, limit: int) -> _Pa
 
 def _split_body(length: str | None, body: bytes) -> tuple[InferenceRequest, bytes]:
     if length is not None:
-        if not length.isdigit() or int(length) > len(body):
+        if not (length.isascii() and length.isdigit()) or int(length) > len(body):
             raise BadRequestError(f"{HEADER_LENGTH} is {length!r} for a body of {len(body)} bytes")
         header, binary = body[: int(length)], body[int(length) :]
     else:

@@ -124,9 +124,9 @@ def test_mixed_task_batch_equals_the_same_requests_run_task_by_task(resnet18: Ba
 
 
 def test_weight_cache_gives_identical_results_and_stays_within_its_byte_bound(resnet18: Backbone) -> None:
-    one_task_bytes = sum(m.weight.nbytes for m in resnet18.masked)
-    cached = Engine(resnet18, cache_bytes=int(one_task_bytes * 1.5))
     plain = Engine(resnet18)
+    one_task_bytes = plain.weights_nbytes  # on the packed path: packed weights and folded biases
+    cached = Engine(resnet18, cache_bytes=int(one_task_bytes * 1.5))
     for seed, name in enumerate("ab"):
         cached.add_task(make_task(resnet18, name, seed=seed))
         plain.add_task(make_task(resnet18, name, seed=seed))
@@ -261,7 +261,7 @@ def test_fused_mask_application_equals_unpack_and_multiply(kind: str, numel: int
 
 
 def test_weight_cache_does_not_thrash_when_more_tasks_rotate_than_it_holds(resnet18: Backbone) -> None:
-    one = sum(m.weight.numel() for m in resnet18.masked) * 4
+    one = Engine(resnet18).weights_nbytes
     engine = Engine(resnet18, cache_bytes=int(one * 2.5))  # room for two tasks
     for i in range(5):
         engine.add_task(make_task(resnet18, f"t{i}", seed=i))

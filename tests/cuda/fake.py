@@ -33,6 +33,7 @@ class FakeGPU:
     capability: tuple[int, int] = (9, 0)  # an H100
     free_bytes: int = 80 * GIB
     total_bytes: int = 80 * GIB
+    cached_unused: int = 0  # held by the caching allocator, used by no tensor
     syncs: list[str] = field(default_factory=list)  # synchronize() calls, in order
     pinned: int = 0  # pin() calls
 
@@ -52,6 +53,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, gpu: FakeGPU | None = None) -> It
     monkeypatch.setattr(seam, "cuda_available", lambda: True)
     monkeypatch.setattr(seam, "capability", lambda device: gpu.capability)
     monkeypatch.setattr(seam, "mem_get_info", lambda device: (gpu.free_bytes, gpu.total_bytes))
+    monkeypatch.setattr(seam, "cached_unused", lambda device: gpu.cached_unused)
     monkeypatch.setattr(seam, "pin", pin)
     monkeypatch.setattr(seam, "synchronize", synchronize)
     monkeypatch.setattr(seam, "empty_cache", lambda device: None)

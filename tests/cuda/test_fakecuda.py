@@ -180,3 +180,5 @@ def test_the_gpu_cache_budget_is_sized_after_the_largest_batch_and_shrinks_as_ta
         gpu.free_bytes = 9 * GIB  # tasks registered since took 1 GiB
         assert keep_gpu_reserve(engine, 2 * GIB) == 7 * GIB
         assert keep_gpu_reserve(engine, 2 * GIB) == 7 * GIB  # stable once the reserve is kept
+        gpu.free_bytes, gpu.cached_unused = 8 * GIB, 1 * GIB  # weights evicted: the allocator keeps the block
+        assert keep_gpu_reserve(engine, 2 * GIB) == 7 * GIB  # still free for us: no shrink

@@ -35,7 +35,12 @@ def test_overload_answers_only_200_503_504_keeps_the_queue_bounded_and_recovers(
     depths: list[float] = []
     retry_after_missing = 0
     with live_server(
-        tmp_path, queue_size=queue_size, max_images_per_request=queue_size, max_batch_size=4, request_timeout_s=1.0
+        tmp_path,
+        queue_size=queue_size,
+        max_images_per_request=queue_size,
+        max_tasks_per_request=queue_size,
+        max_batch_size=4,
+        request_timeout_s=1.0,
     ) as server:
         stop = time.monotonic() + seconds
         lock = threading.Lock()

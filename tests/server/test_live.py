@@ -102,7 +102,9 @@ def test_overload_gets_503_with_retry_after_never_500_and_the_server_recovers(
     tmp_path: Path, backbone: Backbone
 ) -> None:
     FileSystemStore(tmp_path).put("a", small_task(backbone, "a").to_bytes())
-    with serve(tmp_path, queue_size=4, max_images_per_request=4, max_batch_size=2, max_wait_ms=20) as url:
+    with serve(
+        tmp_path, queue_size=4, max_images_per_request=4, max_tasks_per_request=4, max_batch_size=2, max_wait_ms=20
+    ) as url:
         retry_after: list[str | None] = []
 
         def burst(_: int) -> int:

@@ -161,3 +161,21 @@ def test_a_batch_admitted_before_a_pinned_task_was_replaced_does_not_keep_the_ol
     engine.remove_task("pinned")
     engine.run(new, x)  # admitted before the removal
     assert engine.cache.bytes == 0
+
+
+def test_a_pending_task_the_engine_cannot_take_is_failed_not_pending_for_ever(
+    tmp_path: Path, engine: Engine, resnet18: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileSystemStore(tmp_path)
+    store.put("big", make_task(resnet18, "big").to_bytes())
+    registry = TaskRegistry(engine, store)
+
+    def out_of_memory(task: TaskFile) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine, "add_task", out_of_memory)
+    with ThreadPoolExecutor(1) as pool:
+        registry.start_background(pool)
+    registry.ensure("big")
+    assert registry.loading == 0 and not registry.is_pending("big")
+    assert list(registry.failed) == ["big"] and "big" not in engine.tasks

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from piggyback_core import Backbone, FileSystemStore
+from piggyback_core import Backbone, Engine, FileSystemStore
 from tests.conftest import encode
 from tests.server.conftest import AppFactory, small_task
 
@@ -50,7 +50,7 @@ def test_tasks_are_listed_a_page_at_a_time(app_client: AppFactory, store_of_five
 def test_a_pinned_task_is_built_at_start_and_never_evicted_and_residency_is_reported(
     app_client: AppFactory, store_of_five: Path, resnet18: Backbone
 ) -> None:
-    one_task = sum(m.weight.nbytes for m in resnet18.masked)  # float32 (forced below)
+    one_task = Engine(resnet18).weights_nbytes  # float32 (forced below); packed or not, as the server's
     # room for two tasks' built weights: t0 pinned, the other four take turns in the one slot left
     with app_client(
         store=store_of_five, pin_tasks="t0", cache_bytes=2 * one_task + 1, dtype="float32", workers=1

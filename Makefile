@@ -40,10 +40,11 @@ bench: $(STAMP)  # the serving benchmarks (issue 6): about 5 minutes on 2 CPU co
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.serving
 
-bench-compute: $(STAMP)  # dtype/layout per backbone, JPEG decoding, the server against plain loops (~15 min)
+bench-compute: $(STAMP)  # dtype/layout per backbone, JPEG decoding, packed vs OpenVINO, the server against plain loops (~25 min)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.layouts
 	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.packed
 	$(BIN)/python -m benchmarks.compute
 
 bench-scale: $(STAMP)  # 1 to 1,000 tasks, uniform and Zipf traffic, against one-model-per-task baselines; start time (~55 min)

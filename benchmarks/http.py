@@ -1,0 +1,145 @@
+"""The HTTP rates with a load generator that does not eat the cores: ``wrk`` (C, Debian's package)
+against a real ``piggyback serve``, next to the plain fp32 eager decode+forward loop in one run.
+
+    python -m benchmarks.http [--arch resnet18] [--duration 15] [--tasks 1,512] [--clients 8,16]
+
+For each task count and traffic (1 task; 512 tasks drawn uniformly or by Zipf, s = 1.0, from a
+fixed sequence), ``wrk`` keeps ``clients`` connections busy POSTing 500x375 JPEGs to
+``/classify/{task}`` for ``duration`` seconds after a warm-up of the same length (the weight cache
+and the batcher settled). The plain loop is the baseline the targets use: decode + preprocess +
+torchvision forward in fp32 NCHW, batches of 8, one Python thread, every core. wrk's own CPU time is
+reported, so that the figure is known to be the server's. Needs ``wrk`` on the PATH (``apt-get
+install wrk``) and the ``bench`` extra (the photos). Writes ``benchmarks/results/http.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.compute import plain_loop
+from benchmarks.serving import make_photos, make_task, plain_model, start_server, stop_server, write_results
+from piggyback_core import FileSystemStore, load_backbone
+
+PORT = 8713
+_LUA = """
+local bodies = {{}}
+for _, path in ipairs({{{photos}}}) do
+  local f = assert(io.open(path, "rb")); bodies[#bodies + 1] = f:read("*all"); f:close()
+end
+local paths = {{{paths}}}
+local i = 0
+request = function()
+  i = i + 1
+  local headers = {{["Content-Type"] = "image/jpeg"}}
+  return wrk.format("POST", paths[(i % #paths) + 1], headers, bodies[(i % #bodies) + 1])
+end
+"""
+
+
+def _paths(tasks: list[str], traffic: str, n: int = 20_000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    if traffic == "zipf":
+        ranks = list(range(len(tasks)))
+        rng.shuffle(ranks)  # popularity does not follow the names' order
+        weights = [1.0 / (r + 1) for r in ranks]
+        picks = rng.choices(range(len(tasks)), weights=weights, k=n)
+    elif traffic == "uniform":
+        picks = [rng.randrange(len(tasks)) for _ in range(n)]
+    else:
+        picks = [0] * n
+    return [f"/classify/{tasks[p]}?top_k=1" for p in picks]
+
+
+def _wrk(script: Path, clients: int, seconds: float) -> tuple[float, float]:
+    """(requests per second, wrk's CPU seconds per wall second)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "30s", "-s", str(script),
+         f"http://127.0.0.1:{PORT}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out.stdout).group(1))  # type: ignore[union-attr]
+    if "Non-2xx" in out.stdout:
+        raise RuntimeError(f"wrk saw errors:\n{out.stdout}")
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / seconds
+    return rate, cpu
+
+
+def bench(arch: str, task_counts: list[int], clients: list[int], duration: float) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("benchmarks.http: wrk not found (apt-get install wrk)")
+    work = Path(tempfile.mkdtemp(prefix="piggyback-http-"))
+    photos = make_photos(work / "photos")
+    backbone = load_backbone(arch, weights="random")
+    tasks = [make_task(backbone, f"t{i:04d}", seed=i) for i in range(max(task_counts))]
+    blobs = [p.read_bytes() for p in photos]
+    fp32 = plain_model(backbone, tasks[0], torch.device("cpu"), torch.float32)
+    plain = plain_loop(fp32, blobs, backbone.preprocessing, torch.float32, False, max(10.0, duration))
+    print(f"{arch}: plain fp32 loop {plain:.1f} img/s", flush=True)
+    del fp32
+    store = FileSystemStore(work / "store")
+    for t in tasks:
+        store.put(t.name, t.to_bytes())
+    env = {**os.environ, "PIGGYBACK_TOKEN": secrets.token_hex(16)}
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--backbone", arch, "--weights", "random",
+           "--store", str(work / "store"), "--port", str(PORT), "--log-level", "warning"]  # fmt: skip
+    rows = []
+    proc, handle, _ = start_server(cmd, f"http://127.0.0.1:{PORT}", env, work / "server.log")
+    try:
+        for count in task_counts:
+            names = [t.name for t in tasks[:count]]
+            for traffic in ["one"] if count == 1 else ["zipf", "uniform"]:
+                script = work / f"{count}-{traffic}.lua"
+                photo_list = ", ".join(f'"{p}"' for p in photos)
+                path_list = ", ".join(f'"{p}"' for p in _paths(names, traffic))
+                script.write_text(_LUA.format(photos=photo_list, paths=path_list))
+                for c in clients:
+                    _wrk(script, c, duration)  # warm-up: caches, batcher
+                    rate, wrk_cpu = _wrk(script, c, duration)
+                    row = {"tasks": count, "traffic": traffic, "clients": c, "img_s": rate, "wrk_cpu": wrk_cpu}
+                    rows.append(row)
+                    print(row, flush=True)
+    finally:
+        stop_server(proc, handle)
+        shutil.rmtree(work, ignore_errors=True)
+    return {"arch": arch, "plain_fp32": plain, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--tasks", default="1,512")
+    parser.add_argument("--clients", default="8,16")
+    args = parser.parse_args(argv)
+    r = bench(args.arch, [int(t) for t in args.tasks.split(",")], [int(c) for c in args.clients.split(",")],
+              args.duration)  # fmt: skip
+    one = {row["clients"]: row["img_s"] for row in r["rows"] if row["tasks"] == 1}
+    lines = [f"# HTTP with wrk ({r['arch']}, server defaults)", "",
+             f"Plain fp32 eager decode+forward loop (batches of 8): {r['plain_fp32']:.1f} img/s.", "",
+             "| tasks | traffic | clients | img/s | / plain fp32 loop | / one task, same clients | wrk CPU (cores) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in r["rows"]:
+        vs_one = row["img_s"] / one[row["clients"]] if row["clients"] in one else float("nan")
+        lines.append(f"| {row['tasks']} | {row['traffic']} | {row['clients']} | {row['img_s']:.1f} | "
+                     f"{row['img_s'] / r['plain_fp32']:.2f} | {vs_one:.2f} | {row['wrk_cpu']:.2f} |")  # fmt: skip
+    write_results("http", lines, r)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -62,7 +62,7 @@ import contextlib
 import functools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -323,8 +323,12 @@ class Batcher:
         self._threads_in_use -= threads
         self._wakeup.set()
 
-    def _run_group(self, reqs: list[_Request], threads: int) -> list[tuple[np.ndarray, list[Prediction]]]:
-        """On a worker thread: the batch computed, brought to the host and finished there."""
+    def _run_group(
+        self, reqs: list[_Request], threads: int
+    ) -> Sequence[tuple[np.ndarray, list[Prediction]] | BaseException]:
+        """On a worker thread: the batch computed, brought to the host and finished there; after an
+        out-of-memory retry, a half that failed again has its error in its requests' places (the
+        other half's results stand)."""
         if threads:
             torch.set_num_threads(threads)  # per thread: this worker's intra-op threads for this batch
         try:
@@ -339,17 +343,19 @@ class Batcher:
         self._on_oom()
         _device.empty_cache(self.engine.device)
         halves = [reqs] if len(reqs) == 1 else [reqs[: len(reqs) // 2], reqs[len(reqs) // 2 :]]
-        out = []
+        out: list[tuple[np.ndarray, list[Prediction]] | BaseException] = []
         for half in halves:
             try:
                 out += self._compute(half)
             except Exception as exc:
-                if _device.is_oom(exc):
-                    _device.empty_cache(self.engine.device)
-                    raise DeviceMemoryError(images=len(half)) from exc
                 if _device.is_sticky_error(exc):
                     self._on_device_lost(exc)
-                raise
+                failure: BaseException = exc
+                if _device.is_oom(exc):
+                    _device.empty_cache(self.engine.device)
+                    failure = DeviceMemoryError(images=len(half))
+                    failure.__cause__ = exc
+                out += [failure] * len(half)
         return out
 
     def device_part(self, reqs: list[_Request]) -> HostLogits:
@@ -383,9 +389,13 @@ class Batcher:
                     if not r.future.done():
                         r.future.set_exception(exc)
                 continue
-            for r, (logits, predictions) in zip(reqs, rows, strict=True):
-                if not r.future.done():
-                    r.future.set_result(ImageResult(logits, predictions, len(batch)))
+            for r, row in zip(reqs, rows, strict=True):
+                if r.future.done():
+                    continue
+                if isinstance(row, BaseException):
+                    r.future.set_exception(row)
+                else:
+                    r.future.set_result(ImageResult(row[0], row[1], len(batch)))
         waits = [started - r.enqueued for r in batch]
         # compute_s is the batch's whole time on the worker, device included (each batch waits for
         # its results before it returns)

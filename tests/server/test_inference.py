@@ -124,3 +124,28 @@ def test_results_reach_the_routes_as_host_data(app_client: AppFactory, store: Pa
     (result,) = seen
     assert isinstance(result.logits, np.ndarray) and result.logits.dtype == np.float32
     assert len(result.predictions) == 2 and result.batch_size == 1
+
+
+def test_when_one_half_of_a_split_batch_runs_out_of_memory_again_the_other_half_is_answered(
+    app_client: AppFactory, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = Batcher.device_part
+
+    def second_half_never_fits(self: Batcher, reqs: list[Any]) -> Any:
+        calls.append(len(reqs))
+        if len(calls) == 1 or len(calls) == 3:  # the whole batch, then its second half
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, reqs)
+
+    monkeypatch.setattr(Batcher, "device_part", second_half_never_fits)
+    results: list[int] = []
+    with app_client(store=store, max_wait_ms=300) as client:
+        threads = [threading.Thread(target=lambda: results.append(
+            client.post("/classify/a", content=encode("PNG"), headers=PNG).status_code)) for _ in range(4)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert calls[0] == 4 and calls[1:] == [2, 2], calls
+    assert sorted(results) == [200, 200, 503, 503]

@@ -733,15 +733,8 @@ class Engine:
         for key, group in order.items():
             segments.append((start, start + len(group), by_id[key]))
             start += len(group)
-        permuted = images if rows == list(range(len(rows))) else images[self._index(rows, images.device)]
+        permuted = images if rows == list(range(len(rows))) else images[_index_on(rows, images.device)]
         return rows, segments, permuted
-
-    def _index(self, index: list[int], device: torch.device) -> Tensor:
-        """An index tensor on ``device``: on a GPU from pinned memory, without waiting."""
-        host = torch.tensor(index, dtype=torch.int64)
-        if device.type == "cpu":
-            return host
-        return _device.pin(host).to(device, non_blocking=True)
 
     def _check_images(self, images: Tensor, n: int) -> None:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -871,14 +864,19 @@ class _OneTask:
         raise AssertionError("a packed segment is never stacked")
 
 
+def _index_on(index: list[int], device: torch.device) -> Tensor:
+    """An index tensor on ``device``: on a GPU copied from pinned memory, without waiting."""
+    host = torch.tensor(index, dtype=torch.int64)
+    return host if device.type == "cpu" else _device.pin(host).to(device, non_blocking=True)
+
+
 def _stack_segments(x: Tensor, segments: list[tuple[int, int, LoadedTask]]) -> tuple[Tensor, int]:
     """``[B, C, H, W]`` in contiguous segments -> ``[m, S*C, H, W]``: task ``s``'s rows in channels
     ``[s*C, (s+1)*C)``, every segment padded to the longest (``m`` rows) by repeating its last row
     (computed and dropped). One gather and one copy, whatever S."""
     m = max(b - a for a, b, _ in segments)
     index = [a + min(j, b - a - 1) for a, b, _ in segments for j in range(m)]
-    host = torch.tensor(index, dtype=torch.int64)
-    gathered = x[host if x.device.type == "cpu" else _device.pin(host).to(x.device, non_blocking=True)]
+    gathered = x[_index_on(index, x.device)]  # [S*m, C, H, W], segment-major
     s, (c, h, w) = len(segments), x.shape[1:]
     return gathered.view(s, m, c, h, w).transpose(0, 1).reshape(m, s * c, h, w), m
 

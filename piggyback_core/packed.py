@@ -84,15 +84,13 @@ def use_weights(weights: dict[str, Any]) -> Iterator[None]:
 
 class FusedConv(nn.Module):
     """One masked convolution with its BatchNorm folded in and its post-ops fused: ``attr`` is
-    ``"none"`` or ``"relu"``; with ``add``, ``relu(conv(x) + other)`` (ResNet's residual)."""
+    ``"none"`` or ``"relu"``; called with ``other``, ``attr(conv(x) + other)`` (ResNet's residual)."""
 
-    def __init__(self, conv: MaskedConv2d, norm: str | None, attr: str, add: bool) -> None:
+    def __init__(self, conv: MaskedConv2d, attr: str) -> None:
         super().__init__()
         assert not isinstance(conv.padding, str)
         self.key = conv.mask_key
-        self.norm = norm  # the folded BatchNorm's name (a task may have its own parameters for it)
         self.attr = attr
-        self.add = add
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
 
@@ -179,11 +177,11 @@ class PackedNetwork:
                 candidate = nxt.args[1] if nxt.args[0] is bn_node else nxt.args[0]
                 if after is not None and _is_relu(after, modules) and isinstance(candidate, fx.Node):
                     tail, attr, other, add = after, "relu", candidate, nxt
-            fused_name = f"fused_{len(self.layers)}"
-            fused = FusedConv(conv, str(bn_node.target), attr, other is not None)
             source = node.args[0]
             if not isinstance(source, fx.Node):
                 continue
+            fused_name = f"fused_{len(self.layers)}"
+            fused = FusedConv(conv, attr)
             with graph.inserting_before(tail):
                 new = graph.call_module(fused_name, (source,) if other is None else (source, other))
             tail.replace_all_uses_with(new)
@@ -206,12 +204,7 @@ class PackedNetwork:
         with torch.inference_mode():
             for layer in self.layers.values():
                 weight, bias = self._fold(layer, None)
-                conv = layer.conv
-                packed = torch.ops.mkldnn._reorder_convolution_weight(
-                    weight.contiguous(memory_format=torch.channels_last), list(conv.padding), list(conv.stride),
-                    list(conv.dilation), conv.groups, layer.input_size,
-                )  # fmt: skip
-                total += packed.nbytes + bias.nbytes
+                total += _pack(layer, weight).nbytes + bias.nbytes
         return total
 
     def _fold(self, layer: _Layer, own: NormParams | None) -> tuple[Tensor, Tensor]:
@@ -245,16 +238,20 @@ class PackedNetwork:
         out: dict[str, Any] = {}
         for key, layer in self.layers.items():
             weight, bias = self._fold(layer, norms.get(layer.norm_name or ""))
-            masked = apply_packed_mask(weight, masks[key], kind).contiguous(memory_format=torch.channels_last)
-            conv = layer.conv
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                masked, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, layer.input_size
-            )
-            out[key], out[key + BIAS] = packed, bias
+            out[key], out[key + BIAS] = _pack(layer, apply_packed_mask(weight, masks[key], kind)), bias
         for key in masks:
             if key not in self.layers:
                 out[key] = build_other(key)
         return out
+
+
+def _pack(layer: _Layer, weight: Tensor) -> Tensor:
+    """``weight`` (the layer's shape) in oneDNN's blocked layout for the layer's input shape."""
+    conv = layer.conv
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight.contiguous(memory_format=torch.channels_last),
+        list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, layer.input_size,
+    )  # fmt: skip
 
 
 class _Root(nn.Module):

@@ -51,8 +51,8 @@ were admitted with, so replacing or deleting a task never fails a request alread
 **Device failures.** A batch that runs out of device memory is split in two halves, each retried
 once (after the allocator's cache is emptied); what still fails is answered 503
 (:class:`DeviceMemoryError`) and counted (``on_oom``). An error after which the device is unusable
-(a sticky CUDA error) is reported to ``on_device_lost`` (liveness then fails: the process must be
-restarted) and answered 500.
+(a sticky CUDA error) is kept in :attr:`Batcher.device_lost` (liveness then fails: the process
+must be restarted) and answered 500.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -76,6 +77,8 @@ from piggyback_core import device as _device
 from .errors import DeadlineExceededError, DeviceMemoryError, NotReadyError, QueueFullError
 
 __all__ = ["BatchPolicy", "BatchStats", "Batcher", "ImageResult"]
+
+log = logging.getLogger("piggyback.batcher")
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,6 @@ class Batcher:
         on_depth: Callable[[int], None] | None = None,
         executor: ThreadPoolExecutor | None = None,
         on_oom: Callable[[], None] | None = None,
-        on_device_lost: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -159,7 +161,7 @@ class Batcher:
         self._on_batch = on_batch or (lambda _: None)
         self._on_depth = on_depth or (lambda _: None)
         self._on_oom = on_oom or (lambda: None)
-        self._on_device_lost = on_device_lost or (lambda _: None)
+        self.device_lost: BaseException | None = None  # a sticky device error: the process must restart
 
     @property
     def depth(self) -> int:
@@ -335,8 +337,6 @@ class Batcher:
             return self._compute(reqs)
         except Exception as exc:
             if not _device.is_oom(exc):
-                if _device.is_sticky_error(exc):
-                    self._on_device_lost(exc)
                 raise
         # Out of device memory (outside the except: its traceback no longer holds the failed frames'
         # tensors): the allocator's cache emptied, each half retried once.
@@ -348,8 +348,6 @@ class Batcher:
             try:
                 out += self._compute(half)
             except Exception as exc:
-                if _device.is_sticky_error(exc):
-                    self._on_device_lost(exc)
                 failure: BaseException = exc
                 if _device.is_oom(exc):
                     _device.empty_cache(self.engine.device)
@@ -365,14 +363,18 @@ class Batcher:
         return self.engine.run_mixed_host(self.engine.stage([r.image for r in reqs]), [r.task for r in reqs])
 
     def _compute(self, reqs: list[_Request]) -> list[tuple[np.ndarray, list[Prediction]]]:
-        host = self.device_part(reqs)
-        flat = host.flat.numpy()
+        try:
+            host = self.device_part(reqs)
+        except Exception as exc:
+            if _device.is_sticky_error(exc) and self.device_lost is None:
+                self.device_lost = exc
+                log.critical("the device is unusable (%s): liveness fails so that the process is restarted", exc)
+            raise
         out = []
         for i, r in enumerate(reqs):
             row = host.row(i)
             k = min(r.top_k, len(r.task.labels))
-            out.append((flat[host.offsets[i] : host.offsets[i + 1]], predictions_from_logits(row, r.task.labels, k)
-                        if k else []))  # fmt: skip
+            out.append((row.numpy(), predictions_from_logits(row, r.task.labels, k) if k else []))
         return out
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Request], threads: int = 0) -> None:

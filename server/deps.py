@@ -65,6 +65,7 @@ __all__ = [
     "ServicesDep",
     "SettingsDep",
     "TaskName",
+    "check_alive",
     "error_headers",
     "error_response",
     "errors",
@@ -113,18 +114,26 @@ def status_for(exc: PiggybackError) -> int:
 
 def error_headers(exc: PiggybackError) -> dict[str, str] | None:
     """The headers an error response carries: when to retry, or to drop the connection."""
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFullError | DeviceMemoryError):
         return {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, NotReadyError):
         return {"Retry-After": "5"}
-    if isinstance(exc, DeviceMemoryError):
-        return {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, BodyBudgetError):
         # the rest of the body is never read: close the connection instead of draining it
         return {"Retry-After": str(exc.retry_after_s), "Connection": "close"}
     if isinstance(exc, RequestTimeoutError):
         return {"Connection": "close"}  # the rest of the body may never come: drop the connection
     return None
+
+
+def check_alive(request: Request) -> None:
+    """Liveness (``/healthz``, ``/v2/health/live``): NotReadyError (503) after a failed start or
+    once the device is unusable, so that the orchestrator restarts the process."""
+    if request.app.state.startup_error is not None:
+        raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
+    services: Services | None = request.app.state.services
+    if services is not None and services.device_lost is not None:
+        raise NotReadyError(f"the device is unusable: {services.device_lost}")
 
 
 def services_of(request: Request) -> Services:

@@ -66,8 +66,6 @@ class Services:
     loaders: list[ThreadPoolExecutor] = field(default_factory=list)
     store_health: StoreHealth = field(default_factory=StoreHealth)
     inference: InferenceService = field(init=False)
-    # set when the device failed in a way that makes it unusable (a sticky CUDA error): liveness fails
-    device_lost: BaseException | None = None
     gpu_reserve: int = 0  # GPU bytes kept free beside a full cache (automatic budget on CUDA)
 
     def __post_init__(self) -> None:
@@ -81,6 +79,11 @@ class Services:
         if self.registry.is_pending(name):
             await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.ensure, name)
         return self.engine.get_task(name)
+
+    @property
+    def device_lost(self) -> BaseException | None:
+        """The error that made the device unusable (a sticky CUDA error): liveness fails."""
+        return self.batcher.device_lost
 
     def recheck_cache_budget(self) -> None:
         """After tasks were added: see :func:`keep_gpu_reserve` (CUDA with the automatic budget)."""
@@ -122,6 +125,12 @@ def gpu_headroom(engine: Engine, max_batch_size: int) -> int:
     return free
 
 
+def _free_for_us(device: torch.device) -> int:
+    """GPU bytes this process can still take: the driver's free memory, and what the caching
+    allocator holds unused (e.g. weights just evicted)."""
+    return _device.mem_get_info(device)[0] + _device.cached_unused(device)
+
+
 def keep_gpu_reserve(engine: Engine, reserve: int) -> int:
     """Tasks added since the cache budget was set took GPU memory (masks, heads): shrink the budget
     until the cache, full, would still leave ``reserve`` bytes free (what the largest batch needs
@@ -129,8 +138,7 @@ def keep_gpu_reserve(engine: Engine, reserve: int) -> int:
     cache = engine.cache
     if engine.device.type != "cuda":
         return cache.max_bytes
-    # what the allocator holds unused (e.g. weights just evicted) is free for this process
-    free = _device.mem_get_info(engine.device)[0] + _device.cached_unused(engine.device)
+    free = _free_for_us(engine.device)
     left_when_full = free - (cache.max_bytes - cache.bytes)
     if left_when_full < reserve:
         budget = max(0, cache.max_bytes - (reserve - left_when_full))
@@ -202,8 +210,7 @@ def build_services(
     engine.cache.resize(budget)
     gpu_reserve = 0
     if engine.device.type == "cuda" and settings.cache_bytes == "auto":
-        free = _device.mem_get_info(engine.device)[0] + _device.cached_unused(engine.device)
-        gpu_reserve = free - budget  # the 20% the budget leaves
+        gpu_reserve = _free_for_us(engine.device) - budget  # the 20% the budget leaves
     per_task = engine.weights_nbytes
     log.info("weight cache: %.0f MiB (%s): built weights of %s task(s) of %.1f MiB", budget / 2**20, how,
              budget // per_task if per_task else "any number of", per_task / 2**20)  # fmt: skip
@@ -241,13 +248,6 @@ def build_services(
         timeout_s=settings.request_timeout_s,
         cores=workers * torch.get_num_threads() if shared else 0,  # this runs on a worker: its threads
     )
-    lost: list[Services] = []  # the Services below, once made
-
-    def on_device_lost(exc: BaseException) -> None:
-        log.critical("the device is unusable (%s): liveness fails so that the process is restarted", exc)
-        if lost:
-            lost[0].device_lost = exc
-
     batcher = Batcher(
         engine,
         policy,
@@ -255,7 +255,6 @@ def build_services(
         on_depth=metrics.queue_depth.set,
         executor=device_thread,
         on_oom=metrics.device_oom.inc,
-        on_device_lost=on_device_lost,
     )
     # On a CPU the workers already use every core: decoding in more threads oversubscribes them,
     # and torch's OpenMP threads then wait on descheduled peers (measured with 64 clients on 2
@@ -279,5 +278,4 @@ def build_services(
         loaders,
     )
     services.gpu_reserve = gpu_reserve
-    lost.append(services)
     return services

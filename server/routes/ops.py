@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from piggyback_core import dtype_name
 
-from ..deps import MetricsDep, OpsAuth, ServicesDep, errors
+from ..deps import MetricsDep, OpsAuth, ServicesDep, check_alive, errors
 from ..errors import NotReadyError
 from ..schemas import HealthResponse, ReadyResponse, StoreSyncPublic
 
@@ -20,11 +20,7 @@ router = APIRouter(dependencies=[OpsAuth])
 
 @router.get("/healthz", response_model=HealthResponse, responses=errors(401, 503), summary="Liveness")
 async def healthz(request: Request) -> HealthResponse:
-    if request.app.state.startup_error is not None:  # a failed start is not alive: restart me
-        raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
-    services = request.app.state.services
-    if services is not None and services.device_lost is not None:  # a sticky CUDA error: restart me
-        raise NotReadyError(f"the device is unusable: {services.device_lost}")
+    check_alive(request)  # a failed start or a lost device is not alive: restart me
     return HealthResponse(status="ok")
 
 

@@ -61,12 +61,13 @@ from ..deps import (
     ServicesDep,
     SettingsDep,
     TaskName,
+    check_alive,
     error_headers,
     observe,
     read_body,
     status_for,
 )
-from ..errors import BadRequestError, NotReadyError, VersionNotFoundError
+from ..errors import BadRequestError, VersionNotFoundError
 from ..inference import ImageResult
 from ..metrics import Metrics
 from ..services import Services
@@ -203,11 +204,7 @@ class ModelReady(BaseModel):
     "/health/live", response_model=Live, dependencies=[OpsAuth], summary="Liveness", responses=v2_errors(401, 503)
 )
 async def live(request: Request) -> Live:
-    if request.app.state.startup_error is not None:
-        raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
-    services = request.app.state.services
-    if services is not None and services.device_lost is not None:
-        raise NotReadyError(f"the device is unusable: {services.device_lost}")
+    check_alive(request)
     return Live(live=True)
 
 

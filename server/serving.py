@@ -116,6 +116,10 @@ def run_server(settings: Settings) -> int:
         log_config=None,  # ours (server.logs): text or JSON, uvicorn's lines included
         log_level=settings.log_level,
         access_log=False,  # one structured line per classify request comes from the app
+        # Chosen, not detected: ray[serve] brings uvloop and httptools, which uvicorn's "auto" would
+        # pick up silently and so change this server's behaviour with what else is installed.
+        loop="asyncio",
+        http="h11",
         # uvicorn refuses a request when the open connections, its own included, reach the limit.
         limit_concurrency=settings.max_connections + 1,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,

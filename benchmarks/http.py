@@ -24,13 +24,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.compute import plain_loop
-from benchmarks.serving import make_photos, make_task, plain_model, start_server, stop_server, write_results
+from benchmarks.serving import machine, make_photos, make_task, plain_model, start_server, stop_server, write_results
 from piggyback_core import FileSystemStore, load_backbone
 
 PORT = 8713
@@ -79,7 +80,19 @@ def _wrk(script: Path, clients: int, seconds: float) -> tuple[float, float]:
     return rate, cpu
 
 
-def bench(arch: str, task_counts: list[int], clients: list[int], duration: float) -> dict[str, Any]:
+def _cache_counters() -> dict[str, float]:
+    """The weight cache's hit and miss counts and its budget, from the server's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=10).read().decode()
+    out = {}
+    for name in ("hits", "misses", "budget_bytes", "bytes"):
+        m = re.search(rf"^piggyback_weight_cache_{name}(?:_total)? ([\d.e+]+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else float("nan")
+    return out
+
+
+def bench(
+    arch: str, task_counts: list[int], clients: list[int], duration: float, cache_bytes: str | None = None
+) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks.http: wrk not found (apt-get install wrk)")
     work = Path(tempfile.mkdtemp(prefix="piggyback-http-"))
@@ -97,6 +110,8 @@ def bench(arch: str, task_counts: list[int], clients: list[int], duration: float
     env = {**os.environ, "PIGGYBACK_TOKEN": secrets.token_hex(16)}
     cmd = [sys.executable, "-m", "server.cli", "serve", "--backbone", arch, "--weights", "random",
            "--store", str(work / "store"), "--port", str(PORT), "--log-level", "warning"]  # fmt: skip
+    if cache_bytes is not None:
+        cmd += ["--cache-bytes", cache_bytes]
     rows = []
     proc, handle, _ = start_server(cmd, f"http://127.0.0.1:{PORT}", env, work / "server.log")
     try:
@@ -109,8 +124,14 @@ def bench(arch: str, task_counts: list[int], clients: list[int], duration: float
                 script.write_text(_LUA.format(photos=photo_list, paths=path_list))
                 for c in clients:
                     _wrk(script, c, duration)  # warm-up: caches, batcher
+                    before = _cache_counters()
                     rate, wrk_cpu = _wrk(script, c, duration)
-                    row = {"tasks": count, "traffic": traffic, "clients": c, "img_s": rate, "wrk_cpu": wrk_cpu}
+                    after = _cache_counters()
+                    lookups = after["hits"] + after["misses"] - before["hits"] - before["misses"]
+                    row = {"tasks": count, "traffic": traffic, "clients": c, "img_s": rate, "wrk_cpu": wrk_cpu,
+                           "hit_rate": (after["hits"] - before["hits"]) / lookups if lookups else float("nan"),
+                           "cache_budget_gib": after["budget_bytes"] / 2**30,
+                           "cache_held_gib": after["bytes"] / 2**30}  # fmt: skip
                     rows.append(row)
                     print(row, flush=True)
     finally:
@@ -125,19 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--tasks", default="1,512")
     parser.add_argument("--clients", default="8,16")
+    parser.add_argument("--cache-bytes", default=None, help="the server's weight cache budget (default: its auto)")
     args = parser.parse_args(argv)
     r = bench(args.arch, [int(t) for t in args.tasks.split(",")], [int(c) for c in args.clients.split(",")],
-              args.duration)  # fmt: skip
+              args.duration, args.cache_bytes)  # fmt: skip
     one = {row["clients"]: row["img_s"] for row in r["rows"] if row["tasks"] == 1}
-    lines = [f"# HTTP with wrk ({r['arch']}, server defaults)", "",
+    budget = "server defaults" if args.cache_bytes is None else f"--cache-bytes {args.cache_bytes}"
+    lines = [f"# HTTP with wrk ({r['arch']}, {budget}; {machine()})", "",
              f"Plain fp32 eager decode+forward loop (batches of 8): {r['plain_fp32']:.1f} img/s.", "",
-             "| tasks | traffic | clients | img/s | / plain fp32 loop | / one task, same clients | wrk CPU (cores) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| tasks | traffic | clients | img/s | / plain fp32 loop | / one task, same clients "
+             "| weight cache hit rate | cache budget (GiB) | wrk CPU (cores) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["rows"]:
         vs_one = row["img_s"] / one[row["clients"]] if row["clients"] in one else float("nan")
         lines.append(f"| {row['tasks']} | {row['traffic']} | {row['clients']} | {row['img_s']:.1f} | "
-                     f"{row['img_s'] / r['plain_fp32']:.2f} | {vs_one:.2f} | {row['wrk_cpu']:.2f} |")  # fmt: skip
-    write_results("http", lines, r)
+                     f"{row['img_s'] / r['plain_fp32']:.2f} | {vs_one:.2f} | {row['hit_rate']:.2f} | "
+                     f"{row['cache_budget_gib']:.1f} | {row['wrk_cpu']:.2f} |")  # fmt: skip
+    write_results("http" if args.cache_bytes is None else "http-cache", lines, r)
     return 0
 
 

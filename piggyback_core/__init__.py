@@ -63,6 +63,7 @@ from .errors import (
     TensorShapeError,
     UnexpectedTensorError,
     UnknownBackboneError,
+    WeightBudgetError,
     WeightsError,
 )
 from .evaluate import ClassReport, EvalReport, Prediction, evaluate, evaluate_task, predictions_from_logits
@@ -175,6 +176,7 @@ __all__ = [
     "UnknownBackboneError",
     "Residency",
     "WeightCache",
+    "WeightBudgetError",
     "WeightsError",
     "open_store",
     "packed_supported",

@@ -30,7 +30,7 @@ from torch import Tensor
 from . import device as _device
 from .backbones import Backbone, channel_separable
 from .bitpack import MaskKind, unpack_binary, unpack_ternary
-from .errors import EngineError, TaskNotFoundError
+from .errors import EngineError, TaskNotFoundError, WeightBudgetError
 from .images import Preprocessing
 from .masking import NormParams, use_plan
 from .packed import PackedNetwork, packed_supported, use_weights
@@ -347,6 +347,12 @@ class WeightCache:
         with self._lock:
             return sum(n for k, (_, n) in self._entries.items() if k[0] in self._pinned)
 
+    @property
+    def pinned_tasks(self) -> int:
+        """Pinned tasks holding built weights."""
+        with self._lock:
+            return len({k[0] for k in self._entries if k[0] in self._pinned})
+
     def resident_bytes(self, name: str) -> int:
         """Bytes of ``name``'s built weights held now (0: built per batch)."""
         with self._lock:
@@ -595,15 +601,20 @@ class Engine:
     def pin(self, name: str) -> None:
         """Build ``name``'s weights now and keep them in the cache until :meth:`unpin` (the first
         request is then as fast as the hundredth); a new version registered later is built and
-        pinned at once. EngineError (nothing pinned) if they do not fit the budget."""
+        pinned at once. WeightBudgetError (nothing pinned) if they do not fit the budget."""
         task = self.get_task(name)
-        self.cache.pin(name)
+        cache = self.cache
+        if not cache.is_pinned(name) and cache.pinned_bytes + self._weights_nbytes > cache.max_bytes:
+            raise self._budget_error(name)  # refused before anything is built
+        cache.pin(name)
         if not self._cache_put(task, self.build_weights(task)):
-            self.cache.unpin(name)
-            raise EngineError(
-                f"task {name!r} cannot be pinned: its built weights ({self._weights_nbytes} bytes) do not fit "
-                f"beside the pinned tasks in the weight cache budget ({self.cache.max_bytes} bytes)"
-            )
+            cache.unpin(name)
+            raise self._budget_error(name)
+
+    def _budget_error(self, name: str) -> WeightBudgetError:
+        cache = self.cache
+        return WeightBudgetError(task=name, needed=self._weights_nbytes, pinned=cache.pinned_bytes,
+                                 pinned_tasks=cache.pinned_tasks, budget=cache.max_bytes)  # fmt: skip
 
     def unpin(self, name: str) -> None:
         self.cache.unpin(name)

@@ -22,6 +22,7 @@
     ├── StoreError                    the store could not complete an operation
     │   └── TaskNotFoundError         no such task (in the store or in the engine)
     └── EngineError                   a batch the engine cannot run (bad input shape, empty batch)
+        └── WeightBudgetError         a task to pin whose built weights do not fit the cache budget
 
 Context is keyword-only and kept on the exception, so callers (the server) can map an error to a
 response without parsing its message: ``FingerprintMismatchError(expected=..., actual=...)``.
@@ -51,6 +52,7 @@ __all__ = [
     "TensorShapeError",
     "UnexpectedTensorError",
     "UnknownBackboneError",
+    "WeightBudgetError",
     "WeightsError",
 ]
 
@@ -196,3 +198,16 @@ class TaskNotFoundError(StoreError, KeyError):
 
 class EngineError(PiggybackError):
     pass
+
+
+class WeightBudgetError(EngineError):
+    """Pinning ``task`` needs ``needed`` bytes of built weights beside ``pinned`` bytes of pinned
+    tasks (``pinned_tasks`` of them) in a cache budget of ``budget`` bytes."""
+
+    def __init__(self, *, task: str, needed: int, pinned: int, pinned_tasks: int, budget: int) -> None:
+        self.task, self.needed, self.pinned, self.pinned_tasks, self.budget = task, needed, pinned, pinned_tasks, budget
+        super().__init__(
+            f"task {task!r} cannot be pinned: its built weights ({needed} bytes) do not fit beside the "
+            f"{pinned_tasks} pinned task(s) ({pinned} bytes) in the weight cache budget ({budget} bytes); unpin "
+            "(unload) another task or give the cache a larger budget"
+        )

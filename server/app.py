@@ -27,9 +27,9 @@ from starlette.exceptions import HTTPException
 
 from piggyback_core import PiggybackError, __version__, auto_workers, dtype_name
 
-from .deps import STATUS_BY_ERROR, Auth, error_headers, error_response, status_for
+from .deps import STATUS_BY_ERROR, Auth, error_headers, error_response, is_internal, status_for
 from .metrics import Metrics
-from .routes import classify, ops, tasks, v2
+from .routes import classify, ops, repository, tasks, v2
 from .services import Services, build_services, device_of
 from .settings import Settings, get_settings
 from .transport import BodyBudget, Lifecycle, RequestGuard
@@ -143,8 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cache one miss at a time. Evicts nothing; stops when the budget is full."""
             await starter
             services = app.state.services
-            if services is None or not settings.prefill:
-                return
+            if services is None or not settings.prefill or services.repository.explicit:
+                return  # explicit: the loaded tasks are pinned (built) already, the others not served
             engine, built = services.engine, 0
             while services.registry.loading:  # ready_after=backbone: the tasks are still loading
                 await asyncio.sleep(0.2)
@@ -196,7 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if request.url.path.startswith("/v2"):
             return v2.error(exc)
         status = status_for(exc)
-        if status >= 500 and status not in (503, 504):
+        if is_internal(status):
             log.error("internal error on %s: %r", request.url.path, exc)
             return error_response(status, "internal error")
         return error_response(status, str(exc), error_headers(exc))
@@ -223,6 +223,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"error": "internal error"}, status_code=500)
         return error_response(500, "internal error")
 
-    for module in (classify, tasks, ops, v2):
+    for module in (classify, tasks, ops, v2, repository):
         app.include_router(module.router)
     return app

@@ -30,6 +30,7 @@ from piggyback_core import (
     StoreError,
     TaskFileError,
     TaskNotFoundError,
+    WeightBudgetError,
 )
 
 from .errors import (
@@ -45,6 +46,7 @@ from .errors import (
     PayloadTooLargeError,
     QueueFullError,
     RequestTimeoutError,
+    TaskNotLoadedError,
     UnsupportedMediaTypeError,
     VersionNotFoundError,
 )
@@ -69,6 +71,7 @@ __all__ = [
     "error_headers",
     "error_response",
     "errors",
+    "is_internal",
     "observe",
     "read_body",
     "services_of",
@@ -82,6 +85,7 @@ STATUS_BY_ERROR: dict[type[PiggybackError], int] = {
     InvalidTaskNameError: 422,
     TaskNotFoundError: 404,
     VersionNotFoundError: 404,
+    TaskNotLoadedError: 404,
     FingerprintMismatchError: 409,
     BackboneMismatchError: 409,
     TaskFileError: 422,
@@ -100,6 +104,7 @@ STATUS_BY_ERROR: dict[type[PiggybackError], int] = {
     NotReadyError: 503,
     DeadlineExceededError: 504,
     StoreError: 503,
+    WeightBudgetError: 507,  # Insufficient Storage: the pinned weights would pass the cache budget
     EngineError: 500,
     PiggybackError: 500,
 }
@@ -110,6 +115,12 @@ def status_for(exc: PiggybackError) -> int:
         if cls in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[cls]
     return 500
+
+
+def is_internal(status: int) -> bool:
+    """A status whose error is a fault of ours: answered "internal error", its message only logged
+    (503, 504 and 507 say what the client can do about them)."""
+    return status >= 500 and status not in (503, 504, 507)
 
 
 def error_headers(exc: PiggybackError) -> dict[str, str] | None:

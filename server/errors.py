@@ -12,6 +12,7 @@ PiggybackError
     ├── UnsupportedMediaTypeError   not an image/* body nor multipart with 'image' -> 415
     ├── BadRequestError             a malformed request (e.g. broken multipart)   -> 422
     ├── VersionNotFoundError        a v2 model version that is not the one served -> 404
+    ├── TaskNotLoadedError          model_control=explicit: a stored task not loaded -> 404
     ├── AuthenticationError         no or wrong bearer token                      -> 401
     ├── ManagementDisabledError     no token configured, management refused       -> 403
     ├── RequestTimeoutError         the body did not arrive within body_timeout_s -> 408, connection closed
@@ -35,6 +36,7 @@ __all__ = [
     "PayloadTooLargeError",
     "VersionNotFoundError",
     "QueueFullError",
+    "TaskNotLoadedError",
     "RequestTimeoutError",
     "ServerError",
     "UnsupportedMediaTypeError",
@@ -124,3 +126,13 @@ class VersionNotFoundError(ServerError):
     def __init__(self, *, task: str, version: str, served: str) -> None:
         self.task, self.version, self.served = task, version, served
         super().__init__(f"task {task!r} has no version {version!r}; it serves version {served!r}")
+
+
+class TaskNotLoadedError(ServerError):
+    """With ``model_control=explicit``: ``task`` is in the store but was not loaded."""
+
+    def __init__(self, *, task: str) -> None:
+        self.task = task
+        super().__init__(
+            f"task {task!r} is not loaded (model_control=explicit): load it with POST /v2/repository/models/{task}/load"
+        )

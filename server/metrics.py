@@ -38,6 +38,11 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily(
             "piggyback_weight_cache_pinned_bytes", "Bytes of pinned tasks' built weights", value=cache.pinned_bytes
         )
+        yield GaugeMetricFamily(
+            "piggyback_weight_cache_pinned_tasks",
+            "Pinned (loaded) tasks whose built weights are held",
+            value=cache.pinned_tasks,
+        )
         yield GaugeMetricFamily("piggyback_weight_cache_tasks", "Tasks whose built weights are held", value=len(cache))
         yield CounterMetricFamily(
             "piggyback_weight_cache_hits", "Batches that found a task's weights built (one per task)", value=cache.hits
@@ -115,6 +120,12 @@ class Metrics:
             "piggyback_task_registrations_total", "Task registrations by outcome", ["result"], registry=r
         )
         self.deletions = Counter("piggyback_task_deletions_total", "Task deletions", registry=r)
+        self.repository_actions = Counter(
+            "piggyback_repository_actions_total",
+            "Model-repository loads and unloads (POST /v2/repository/models/...) by HTTP status",
+            ["action", "status"],
+            registry=r,
+        )
         self.store_syncs = Counter(
             "piggyback_store_sync_changes_total",
             "Changes picked up from the shared store",

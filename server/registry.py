@@ -25,6 +25,8 @@
   deletion of a pending task wins over its background load. A pending task is read by exactly one
   thread (whoever claims it first), and it leaves ``pending`` only once it is in the engine (or
   known broken), so a request never sees it in neither.
+* ``load`` (the model-repository API, ``server.repository``) reads one task from the store at
+  once, ahead of the next poll: a task not served yet, or a version the engine does not serve.
 
 All methods are blocking (disk, validation); the app calls them from a worker thread. One lock
 serialises them, so a sync never races a registration on this replica.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
@@ -42,6 +45,7 @@ from piggyback_core import (
     LoadedTask,
     MaskStore,
     PiggybackError,
+    StoreError,
     TaskFile,
     TaskFileError,
     TaskNotFoundError,
@@ -91,6 +95,7 @@ class TaskRegistry:
         self.failed: dict[str, str] = {}  # tasks in the store that could not be loaded, and why
         self._pending: dict[str, _Pending] = {}  # background loads not yet applied
         self._held: dict[str, str] | None = None  # the listing whose mass removal waits for a second one
+        self.on_removed: Callable[[str], None] = lambda name: None  # told of each task the engine drops
 
     @property
     def loading(self) -> int:
@@ -99,6 +104,9 @@ class TaskRegistry:
 
     def is_pending(self, name: str) -> bool:
         return name in self._pending
+
+    def pending_names(self) -> list[str]:
+        return list(self._pending)
 
     def _read(self, name: str) -> tuple[TaskFile, str] | PiggybackError:
         """Task ``name`` from the store, checked against the backbone (thread-safe: parallel at
@@ -212,6 +220,7 @@ class TaskRegistry:
                     self.engine.remove_task(name)
                 except TaskNotFoundError:
                     pass
+                self.on_removed(name)
             # a broken file that was deleted from the store, or repaired, stops being reported
             for name in [n for n in self.failed if n not in snapshot]:
                 del self.failed[name]
@@ -264,3 +273,25 @@ class TaskRegistry:
             self._versions.pop(name, None)
             if in_engine:
                 self.engine.remove_task(name)
+            self.on_removed(name)
+
+    def load(self, name: str) -> LoadedTask:
+        """Task ``name`` as the store holds it now, served: read and validated when the store holds
+        another version than the one served (or the engine has none), else the one served.
+        TaskNotFoundError if the store has no such task; the file's error if it cannot be served
+        (the version served, if any, stays). A store that cannot be reached keeps the version
+        served; without one, its StoreError."""
+        validate_task_name(name)
+        self.ensure(name)
+        with self._lock:
+            outcome = self._read(name)
+            served = self.engine.tasks.get(name)
+            if isinstance(outcome, StoreError) and not isinstance(outcome, TaskNotFoundError) and served:
+                log.warning("task %r: the store cannot be read (%s); the version served stays", name, outcome)
+                return served
+            if isinstance(outcome, PiggybackError):
+                raise outcome
+            task, version = outcome
+            if served is None or self._versions.get(name) != version:
+                self._apply(name, outcome, version)
+            return self.engine.get_task(name)

@@ -33,6 +33,7 @@ from .batcher import Batcher, BatchPolicy, BatchStats
 from .inference import InferenceService
 from .metrics import Metrics
 from .registry import TaskRegistry
+from .repository import ModelRepository
 from .settings import Settings
 
 __all__ = ["Services", "StoreHealth", "build_services", "device_of", "gpu_headroom", "keep_gpu_reserve"]
@@ -66,16 +67,23 @@ class Services:
     loaders: list[ThreadPoolExecutor] = field(default_factory=list)
     store_health: StoreHealth = field(default_factory=StoreHealth)
     inference: InferenceService = field(init=False)
+    repository: ModelRepository = field(init=False)
     gpu_reserve: int = 0  # GPU bytes kept free beside a full cache (automatic budget on CUDA)
 
     def __post_init__(self) -> None:
         self.inference = InferenceService(
             self.batcher, self.decoder, self.backbone.preprocessing, self.settings.max_image_pixels
         )
+        explicit = self.settings.model_control == "explicit"
+        self.repository = ModelRepository(self.engine, self.registry, explicit=explicit, loaded=self.settings.pinned)
 
-    async def task(self, name: str) -> LoadedTask:
-        """``name`` as the engine serves it; a task still loading in the background is loaded now."""
+    async def task(self, name: str, *, loaded_only: bool = True) -> LoadedTask:
+        """``name`` as the engine serves it; a task still loading in the background is loaded now.
+        With ``model_control=explicit``, a task not loaded is TaskNotLoadedError (404) unless
+        ``loaded_only`` is False (what the task-management routes show)."""
         validate_task_name(name)
+        if loaded_only:
+            self.repository.check_served(name)
         if self.registry.is_pending(name):
             await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.ensure, name)
         return self.engine.get_task(name)

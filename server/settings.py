@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         description="comma-separated tasks to build, warm up and pin in the weight cache at start (and whenever "
         "they are registered)",
     )
+    model_control: Literal["lazy", "explicit"] = Field(
+        "lazy",
+        description="lazy: every stored task answers, and POST /v2/repository/models/{task}/load and /unload pin and "
+        "unpin its built weights; explicit (Triton's EXPLICIT mode): only loaded tasks answer (pin_tasks are loaded "
+        "at start), the others 404",
+    )
     workers: int | None = Field(
         None,
         ge=1,

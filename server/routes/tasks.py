@@ -67,7 +67,7 @@ async def list_tasks(
     summary="One task",
 )
 async def get_task(task: TaskName, services: ServicesDep) -> TaskPublic:
-    return _public(services, await services.task(task))
+    return _public(services, await services.task(task, loaded_only=False))
 
 
 @router.put(

@@ -63,6 +63,7 @@ from ..deps import (
     TaskName,
     check_alive,
     error_headers,
+    is_internal,
     observe,
     read_body,
     status_for,
@@ -76,7 +77,7 @@ from ..settings import Settings
 __all__ = ["EXTENSIONS", "error", "router"]
 
 # Triton's names for the extensions implemented here
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "logits"
 
@@ -87,7 +88,7 @@ models = APIRouter(dependencies=[ClassifyAuth])
 def error(exc: PiggybackError) -> JSONResponse:
     """The protocol's error body, ``{"error": "..."}``, with the status the rest of the API uses."""
     status = status_for(exc)
-    message = "internal error" if status >= 500 and status not in (503, 504) else str(exc)
+    message = "internal error" if is_internal(status) else str(exc)
     return JSONResponse({"error": message}, status_code=status, headers=error_headers(exc))
 
 

@@ -49,7 +49,7 @@ DEFAULT_TASKS_PER_REPLICA = 8
 class TaskReplica:
     """One engine, batcher and registry behind our FastAPI app; tasks multiplexed onto it."""
 
-    async def __init__(self, settings: dict[str, Any], tasks_per_replica: int = DEFAULT_TASKS_PER_REPLICA) -> None:
+    async def __init__(self, settings: dict[str, Any], tasks_per_replica: int = DEFAULT_TASKS_PER_REPLICA) -> None:  # type: ignore[misc]
         name = serve.get_replica_context().replica_id.unique_id
         self.replica = ReplicaApp(Settings(**settings), name=name)
         await self.replica.start()
@@ -119,4 +119,6 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     tasks_per_replica = int(args.get("tasks_per_replica", DEFAULT_TASKS_PER_REPLICA))
     if tasks_per_replica < 1:
         raise ValueError(f"tasks_per_replica must be >= 1, got {tasks_per_replica}")
-    return PiggybackIngress.bind(TaskReplica.bind(settings, tasks_per_replica), settings)
+    # serve.deployment made the classes Deployments (its typing keeps them classes)
+    replicas = TaskReplica.bind(settings, tasks_per_replica)  # type: ignore[attr-defined]
+    return PiggybackIngress.bind(replicas, settings)  # type: ignore[attr-defined]

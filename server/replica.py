@@ -28,6 +28,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message
 
 from piggyback_core import TASK_NAME_PATTERN, EngineError, PiggybackError
 
@@ -235,7 +236,7 @@ class ReplicaApp:
         sent = asyncio.Event()
         delivered = False
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             nonlocal delivered
             if not delivered:
                 delivered = True
@@ -245,7 +246,7 @@ class ReplicaApp:
 
         status, headers, chunks = 500, [], []
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             nonlocal status, headers
             if message["type"] == "http.response.start":
                 status, headers = message["status"], list(message.get("headers", []))

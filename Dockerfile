@@ -16,6 +16,8 @@ ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9.7
 FROM ${UV_IMAGE} AS uv
 
 FROM ${CUDA_IMAGE} AS build
+# s3,ray for the Ray Serve image of deploy/ray/rayservice.yaml
+ARG EXTRAS=s3
 COPY --from=uv /uv /usr/local/bin/uv
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_LINK_MODE=copy \
@@ -27,11 +29,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN mkdir -p piggyback_core server \
     && touch piggyback_core/__init__.py server/__init__.py \
-    && VIRTUAL_ENV=/opt/venv uv pip install --no-cache '.[s3]' \
+    && VIRTUAL_ENV=/opt/venv uv pip install --no-cache ".[${EXTRAS}]" \
     && VIRTUAL_ENV=/opt/venv uv pip uninstall piggyback-server
 COPY piggyback_core ./piggyback_core
 COPY server ./server
-RUN VIRTUAL_ENV=/opt/venv uv pip install --no-cache --no-deps '.[s3]'
+RUN VIRTUAL_ENV=/opt/venv uv pip install --no-cache --no-deps ".[${EXTRAS}]"
 
 FROM ${CUDA_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import torch
 from fastapi import FastAPI, Request, Response
@@ -39,9 +41,22 @@ __all__ = ["STATUS_BY_ERROR", "Services", "create_app"]
 log = logging.getLogger("piggyback.server")
 
 
+def _grpc_module() -> ModuleType:
+    """``server.grpc_server``, imported only when the gRPC port is on: grpcio and tritonclient's
+    stubs are an extra."""
+    try:
+        return importlib.import_module(".grpc_server", __package__)
+    except ImportError as exc:
+        raise PiggybackError(
+            f"grpc_port is set but gRPC support is not installed ({exc}): pip install 'piggyback-server[grpc]' "
+            "(grpcio and tritonclient[grpc]), or leave grpc_port at 0"
+        ) from None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics(top_tasks=settings.metrics_top_tasks, tasks=settings.metric_task_names)
+    grpc_module = _grpc_module() if settings.grpc_port else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
 
         async def start() -> None:
+            if app.state.startup_error is not None:  # the gRPC port could not be had: nothing to load
+                return
             try:
                 services = await loop.run_in_executor(
                     device_thread, build_services, settings, metrics, device_thread, workers, management
@@ -156,6 +173,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     built += 1
             log.info("weight cache prefilled: %d task(s), %.0f MiB", built, engine.cache.bytes / 2**20)
 
+        # The gRPC port, like the HTTP one, answers while the backbone loads (ServerReady: false)
+        grpc_server = None
+        if grpc_module is not None:
+            try:
+                grpc_server = await grpc_module.start_grpc(app.state, settings)
+                log.info("listening for gRPC on %s", grpc_module.address(settings.host, settings.grpc_port))
+            except PiggybackError as exc:
+                app.state.startup_error = exc
+                log.error("start-up failed: %s", exc)
+                on_fatal = getattr(app.state, "on_fatal", None)
+                if on_fatal is not None:
+                    on_fatal(exc)
         starter = asyncio.create_task(start())
         prefiller = asyncio.create_task(prefill_cache())
         poller = asyncio.create_task(poll_store())
@@ -165,6 +194,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             poller.cancel()
             prefiller.cancel()
             await starter
+            if grpc_server is not None:  # calls in flight finish first (the batcher still runs)
+                await grpc_server.stop(grace=settings.request_timeout_s)
             services = app.state.services
             if services is not None:
                 await services.batcher.stop(drain_timeout_s=settings.request_timeout_s)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
+from starlette.datastructures import State
 from starlette.requests import ClientDisconnect
 
 from piggyback_core import (
@@ -67,15 +68,20 @@ __all__ = [
     "ServicesDep",
     "SettingsDep",
     "TaskName",
+    "access_line",
     "check_alive",
+    "check_alive_state",
+    "check_bearer",
     "error_headers",
     "error_response",
     "errors",
     "is_internal",
     "observe",
     "read_body",
+    "ready_services",
     "services_of",
     "status_for",
+    "track",
 ]
 
 access_log = logging.getLogger("piggyback.access")
@@ -140,9 +146,14 @@ def error_headers(exc: PiggybackError) -> dict[str, str] | None:
 def check_alive(request: Request) -> None:
     """Liveness (``/healthz``, ``/v2/health/live``): NotReadyError (503) after a failed start or
     once the device is unusable, so that the orchestrator restarts the process."""
-    if request.app.state.startup_error is not None:
-        raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
-    services: Services | None = request.app.state.services
+    check_alive_state(request.app.state)
+
+
+def check_alive_state(state: State) -> None:
+    """:func:`check_alive` for any protocol: ``state`` is the app's (``app.state``)."""
+    if state.startup_error is not None:
+        raise NotReadyError(f"start-up failed: {state.startup_error}")
+    services: Services | None = state.services
     if services is not None and services.device_lost is not None:
         raise NotReadyError(f"the device is unusable: {services.device_lost}")
 
@@ -153,11 +164,17 @@ def services_of(request: Request) -> Services:
         # refused before any handler runs: the access line is written here, with its request id
         path = urllib.parse.quote(request.url.path[:256])  # decoded by the server: %0A would be a newline
         _access_line(request, path, task="", status=503, latency_ms=0.0, batch_size=0)
+    return ready_services(request.app.state)
+
+
+def ready_services(state: State) -> Services:
+    """:func:`services_of` for any protocol: DrainingError while draining, NotReadyError before ready."""
+    if state.lifecycle.draining:
         raise DrainingError()
-    services: Services | None = request.app.state.services
+    services: Services | None = state.services
     if services is None:
-        if request.app.state.startup_error is not None:
-            raise NotReadyError(f"start-up failed: {request.app.state.startup_error}")
+        if state.startup_error is not None:
+            raise NotReadyError(f"start-up failed: {state.startup_error}")
         raise NotReadyError()
     return services
 
@@ -226,7 +243,12 @@ class Auth:
 
 
 def _require_bearer(request: Request, *expected_digests: bytes | None) -> None:
-    header = request.headers.get("authorization", "")
+    check_bearer(request.headers.get("authorization", ""), *expected_digests)
+
+
+def check_bearer(header: str, *expected_digests: bytes | None) -> None:
+    """``header`` (an ``Authorization`` value, ``Bearer <token>``) carries one of the tokens whose
+    digests are given; AuthenticationError otherwise."""
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise AuthenticationError("missing bearer token (Authorization: Bearer <token>)")
@@ -306,6 +328,15 @@ class Observed:
 async def observe(request: Request, metrics: Metrics, route: str, task: str) -> AsyncIterator[Observed]:
     """Count the request in ``piggyback_requests_total`` and its latency, and write its access line
     (``route`` names it: classify, classify-tasks, v2-infer); a domain error sets the status."""
+    async with track(metrics, route, task, request_id=getattr(request.state, "request_id", None)) as record:
+        yield record
+
+
+@contextlib.asynccontextmanager
+async def track(
+    metrics: Metrics, route: str, task: str, *, request_id: str | None, **fields: Any
+) -> AsyncIterator[Observed]:
+    """:func:`observe` for any protocol (gRPC too): the request's id and extra access-line fields given."""
     started = time.perf_counter()
     record = Observed(task=task)
     try:
@@ -318,13 +349,16 @@ async def observe(request: Request, metrics: Metrics, route: str, task: str) -> 
         metrics.requests.labels(record.label, str(record.status)).inc()
         if record.status == 200:
             metrics.request_seconds.labels(record.label).observe(elapsed)
-        _access_line(request, route, task=task, status=record.status, latency_ms=round(elapsed * 1000, 1),
-                     batch_size=record.batch_size)  # fmt: skip
+        access_line(route, task=task, status=record.status, latency_ms=round(elapsed * 1000, 1),
+                    batch_size=record.batch_size, **fields, request_id=request_id)  # fmt: skip
 
 
 def _access_line(request: Request, route: str, *, task: str, **fields: Any) -> None:
+    access_line(route, task=task, **fields, request_id=getattr(request.state, "request_id", None))
+
+
+def access_line(route: str, *, task: str, **fields: Any) -> None:
     """One access-log line. The task names come from the client and may not be valid yet: they are
     percent-encoded (a ``%0A`` in ``?tasks=`` cannot forge a line, a space cannot forge a field)."""
     line: dict[str, Any] = {"task": urllib.parse.quote(task[:256], safe=",")[:256], **fields}
-    line["request_id"] = getattr(request.state, "request_id", None)
     access_log.info("%s %s", route, " ".join(f"{k}={v}" for k, v in line.items()), extra={"fields": line})

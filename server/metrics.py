@@ -94,6 +94,12 @@ class Metrics:
             ["task", "status"],
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "piggyback_grpc_requests_total",
+            "gRPC calls (the Open Inference Protocol over gRPC) by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "piggyback_request_duration_seconds",
             "End-to-end classify latency",

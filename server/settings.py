@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol over gRPC on host (Triton's is 8001); 0: off. Needs the "
+        "grpc extra: pip install 'piggyback-server[grpc]'",
+    )
     token: SecretStr | None = Field(None, description="bearer token for PUT/DELETE /tasks")
     token_file: Path | None = Field(None, description="read the token from this file (a Docker or Kubernetes secret)")
     allow_unauthenticated: bool = Field(False, description="accept management calls without a token (dev only)")

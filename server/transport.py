@@ -31,10 +31,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import BodyBudgetError, RequestTimeoutError
 
-__all__ = ["REQUEST_ID_HEADER", "BodyBudget", "Lifecycle", "RequestGuard"]
+__all__ = ["REQUEST_ID_HEADER", "SANE_ID", "BodyBudget", "Lifecycle", "RequestGuard"]
 
 REQUEST_ID_HEADER = "x-request-id"
-_SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         presented = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER.encode()), None)
-        request_id = presented.decode() if presented is not None and _SANE_ID.match(presented) else uuid.uuid4().hex
+        request_id = presented.decode() if presented is not None and SANE_ID.match(presented) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         timeout_s = self.body_timeout_s
         deadline = time.monotonic() + timeout_s

@@ -79,6 +79,7 @@ CODE_BY_STATUS: dict[int, grpc.StatusCode] = {
     499: Code.CANCELLED,
     503: Code.UNAVAILABLE,
     504: Code.DEADLINE_EXCEEDED,
+    507: Code.RESOURCE_EXHAUSTED,  # a pin past the weight cache budget
 }
 # Capacity: the caller may retry shortly (REST's 503 with Retry-After)
 CODE_BY_ERROR: dict[type[PiggybackError], grpc.StatusCode] = {

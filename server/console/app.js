@@ -83,8 +83,9 @@ function fail(error) {
     $("#token-form").hidden = false;
     $("#token-message").textContent = error.message;
     $("#token").focus();
+  } else {
+    showError(error.message);
   }
-  showError(error.message);
 }
 
 // --- tasks ---------------------------------------------------------------------------------------
@@ -307,9 +308,10 @@ async function describeServer() {
   try {
     const ready = await (await call("readyz")).json();
     $("#server").textContent = `${ready.backbone} · ${ready.device} · ${ready.dtype}`;
-  } catch {
-    $("#server").textContent = "starting…";
-    setTimeout(describeServer, 2000);
+  } catch (error) {
+    // 401 (ops_need_token): asked again once a token is given; else still starting
+    $("#server").textContent = error.status === 401 ? "" : "starting…";
+    if (error.status !== 401) setTimeout(describeServer, 2000);
   }
 }
 
@@ -320,6 +322,7 @@ $("#token-form").addEventListener("submit", (event) => {
   state.token = $("#token").value.trim();
   sessionStorage.setItem(TOKEN_KEY, state.token);
   loadTasks(true).then(classify);
+  if ($("#server").textContent === "") describeServer();
 });
 $("#image").addEventListener("change", (event) => useImage(event.target.files[0]));
 $("#top-k").addEventListener("change", classify);

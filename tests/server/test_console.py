@@ -344,7 +344,7 @@ def test_a_wrong_token_shows_the_servers_message_and_the_right_one_classifies(
     page.page.fill("#token", CLASSIFY_TOKEN)
     page.page.click("#token-form button")
     wait_for_tasks(page)
-    assert page.page.locator("#token-form").is_hidden()
+    assert page.page.locator("#token-form").is_hidden() and page.page.locator("#error").is_hidden()
     first = sorted(TASKS)[0]
     page.page.set_input_files("#image", files=[{"name": "photo.png", "mimeType": "image/png", "buffer": PHOTO}])
     page.page.wait_for_selector(f'.result[data-task="{first}"] .bar')

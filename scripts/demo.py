@@ -77,6 +77,7 @@ def main() -> None:
         f"\nServing task 'colours' at {url} (ready when the log says 'ready'). In another terminal:\n\n"
         f'  curl -s -H "Content-Type: image/png" --data-binary @{sample} "{url}/classify/colours?top_k=3"\n'
         f"  curl -s {url}/tasks\n\n"
+        f"Or open {url}/ in a browser: the web console (drop {sample} on it).\n"
         f"Management token for PUT/DELETE /tasks: in {token_file}. Stop with Ctrl-C.\n",
         flush=True,
     )

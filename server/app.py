@@ -31,7 +31,7 @@ from piggyback_core import PiggybackError, __version__, auto_workers, dtype_name
 
 from .deps import STATUS_BY_ERROR, Auth, error_headers, error_response, is_internal, status_for
 from .metrics import Metrics
-from .routes import classify, ops, repository, tasks, v2
+from .routes import classify, console, ops, repository, tasks, v2
 from .services import Services, build_services, device_of
 from .settings import Settings, get_settings
 from .transport import BodyBudget, Lifecycle, RequestGuard
@@ -254,6 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"error": "internal error"}, status_code=500)
         return error_response(500, "internal error")
 
-    for module in (classify, tasks, ops, v2, repository):
+    for module in (classify, tasks, ops, v2, repository, console):
         app.include_router(module.router)
+    app.mount("/console", console.ConsoleFiles(), name="console")
     return app

@@ -54,6 +54,7 @@ def make_task(
     norms: bool = False,
     preprocessing: Preprocessing | None = None,
     labels: list[str] | None = None,
+    head_scale: float = 0.05,
 ) -> TaskFile:
     """A real task file for ``backbone`` with random masks, head and (optionally) BatchNorm."""
     from piggyback_core import NormParams
@@ -73,7 +74,7 @@ def make_task(
         labels=labels or [f"class-{i}" for i in range(num_labels)],
         backbone=backbone,
         masks=random_masks(backbone, kind=kind, keep=keep, seed=seed),
-        head_weight=0.05 * torch.randn(num_labels, backbone.feature_dim, generator=g),
+        head_weight=head_scale * torch.randn(num_labels, backbone.feature_dim, generator=g),
         head_bias=0.05 * torch.randn(num_labels, generator=g),
         mask_kind=kind,
         norms=norm_params,

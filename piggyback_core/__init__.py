@@ -1,7 +1,7 @@
 """piggyback_core: serve many tasks from one frozen backbone with per-task binary masks.
 
 A plain PyTorch library (no web framework): masked layers, backbones, bit-packed task files,
-the mask store and the engine. See README.md for the design.
+the mask store and the engine. See docs/concepts.md for the design.
 """
 
 from . import device as device  # the CUDA seam (piggyback_core.device)

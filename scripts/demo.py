@@ -3,7 +3,7 @@
     make demo [PORT=8000]    # or: python -m scripts.demo [--port 8000] [--dir .demo]
 
 It draws a small dataset of noisy red, green and blue images, trains a Piggyback task on a resnet18
-with seeded random weights (pretrained weights need a download; see the README for real ones), puts
+with seeded random weights (pretrained weights need a download; see docs/getting-started.md for real ones), puts
 it into a store, writes a fresh management token to ``.demo/token``, and serves that store, printing
 a curl line to try. A busy port is one line and a non-zero exit, before any training.
 """

@@ -1,8 +1,9 @@
-"""The README's examples run as written: every ```sh block, in order, against a live demo server
-(``python -m scripts.demo``, what ``make demo`` runs), from a folder laid out as a fresh clone
-after ``make demo`` (``.venv/bin/piggyback``, ``python`` and ``pip``, and ``.demo/``). Only the
-port numbers are moved to free ones, and curl is made to fail on an HTTP error
-(``--fail-with-body``) so that a 401 or a 404 fails the block instead of printing a JSON error."""
+"""The README's and the documentation's examples run as written: every ```sh block of README.md and
+of the pages in mkdocs.yml's nav, in that order, against a live demo server (``python -m
+scripts.demo``, what ``make demo`` runs), from a folder laid out as a fresh clone after ``make
+demo`` (``.venv/bin/piggyback``, ``python`` and ``pip``, and ``.demo/``). Only the port numbers
+are moved to free ones, and curl is made to fail on an HTTP error (``--fail-with-body``) so that a
+401 or a 404 fails the block instead of printing a JSON error."""
 
 from __future__ import annotations
 
@@ -19,24 +20,57 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.live import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 PORT = re.compile(r"(?<=localhost:)800\d|(?<=--port )800\d")
-# What a `text` block may need that an offline machine without a GPU lacks, or a make target.
-UNRUNNABLE = re.compile(r"IMAGENET|docker|kubectl|\$DATA|torchrun|flowers/|^make |^\w+:", re.M)
+# What a `text` block may need that an offline machine without a GPU lacks, a make target, or a
+# server that runs until stopped (the docs' own).
+UNRUNNABLE = re.compile(r"IMAGENET|docker|kubectl|\$DATA|torchrun|flowers/|^make |^\w+:|mkdocs serve", re.M)
 
 
-def blocks(kind: str) -> list[str]:
-    return [body for lang, body in FENCE.findall((ROOT / "README.md").read_text()) if lang == kind]
+def pages() -> list[Path]:
+    """README.md, then every page of the documentation site in the order of its nav."""
+
+    def walk(nav: object) -> Iterator[str]:
+        if isinstance(nav, str):
+            yield nav
+        elif isinstance(nav, list):
+            for item in nav:
+                yield from walk(item)
+        elif isinstance(nav, dict):
+            for value in nav.values():
+                yield from walk(value)
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    docs = ROOT / config["docs_dir"]
+    found = [docs / page if (docs / page).exists() else ROOT / page for page in walk(config["nav"])]
+    return [ROOT / "README.md", *found]
 
 
-def test_the_readme_has_runnable_examples_and_marks_every_other_command_block() -> None:
-    assert len(blocks("sh")) >= 4
-    for body in blocks("text") + blocks(""):
-        assert UNRUNNABLE.search(body), f"a command block that could run here is not marked sh:\n{body}"
+def blocks(kind: str, source: Path | None = None) -> list[tuple[str, str]]:
+    """(where, body) of every block of this kind, where as `docs/api/rest.md#2` (1-based)."""
+    found = []
+    for page in [source] if source else pages():
+        bodies = [body for lang, body in FENCE.findall(page.read_text()) if lang == kind]
+        found += [(f"{page.relative_to(ROOT)}#{i}", body) for i, body in enumerate(bodies, 1)]
+    return found
+
+
+def test_every_page_of_the_docs_is_in_the_nav_and_exists() -> None:
+    listed = set(pages())
+    assert all(page.is_file() for page in listed), [str(p) for p in listed if not p.is_file()]
+    assert set((ROOT / "docs").rglob("*.md")) <= listed
+
+
+def test_the_readme_and_docs_have_runnable_examples_and_mark_every_other_command_block() -> None:
+    assert blocks("sh", ROOT / "README.md"), "the README shows at least one command that runs"
+    assert len(blocks("sh")) >= 8
+    for where, body in blocks("text") + blocks(""):
+        assert UNRUNNABLE.search(body), f"a command block that could run here is not marked sh ({where}):\n{body}"
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +130,11 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     assert code == 0, (where / "demo.log").read_text()
 
 
-@pytest.mark.parametrize("index", range(len(blocks("sh"))))
-def test_readme_example_runs_as_written(clone: tuple[Path, dict[str, str]], index: int) -> None:
+@pytest.mark.parametrize(("source", "body"), blocks("sh"), ids=[where for where, _ in blocks("sh")])
+def test_readme_example_runs_as_written(clone: tuple[Path, dict[str, str]], source: str, body: str) -> None:
     where, env = clone
     ports = dict(pair.split("=") for pair in env["README_PORTS"].split())
-    script = PORT.sub(lambda m: ports[m.group(0)], blocks("sh")[index])
+    script = PORT.sub(lambda m: ports[m.group(0)], body)
     run = subprocess.Popen(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=where,
@@ -113,7 +147,7 @@ def test_readme_example_runs_as_written(clone: tuple[Path, dict[str, str]], inde
         out, _ = run.communicate(timeout=300)
     finally:
         kill_group(run.pid)
-    assert run.returncode == 0, f"README example failed ({run.returncode}):\n{script}\n--- output ---\n{out.decode()}"
+    assert run.returncode == 0, f"{source} failed ({run.returncode}):\n{script}\n--- output ---\n{out.decode()}"
     assert b'"detail"' not in out, out.decode()
 
 

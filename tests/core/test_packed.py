@@ -11,7 +11,7 @@ from piggyback_core import PACKED_OPS, Backbone, Engine, list_backbones, load_ba
 from piggyback_core import packed as packed_module
 from tests.conftest import make_task
 
-# bf16 against bf16 reference: logits within 5% of the largest logit (the README's bf16 bound);
+# bf16 against bf16 reference: logits within 5% of the largest logit (the bf16 bound of docs/operations/compute.md);
 # float32 folds BatchNorm in another order of operations: 1e-4 of the largest logit.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05}
 

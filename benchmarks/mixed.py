@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.serving import interleaved, machine, make_task, write_results
-from piggyback_core import Engine, channel_separable, load_backbone, native_bf16, pack_mask
+from piggyback_core import Engine, channel_separable, load_backbone, native_bf16, pack_mask, packed_supported
 from piggyback_core.engine import apply_packed_mask
 
 
@@ -95,7 +95,50 @@ def layer_variants(conv: nn.Conv2d, shape: tuple[int, ...], segments: int, dtype
     if groups == 1:
         variants["bmm"] = bmm
         variants["mm"] = mm
+    if packed_supported():
+        variants.update(_packed_variants(conv, x, weights, segments))
     return variants
+
+
+def _packed_variants(conv: nn.Conv2d, x: torch.Tensor, weights: torch.Tensor, segments: int) -> dict[str, Any]:
+    """The packed CPU path's forms (piggyback_core.packed): each task's weight prepacked for oneDNN
+    and run on its one image (``packed_loop``: the engine's segments); the S weights stacked and
+    prepacked as one grouped convolution (``packed_grouped``); one weight over the S images
+    (``packed_batch``: a single-task batch)."""
+    conv_op, reorder = torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._reorder_convolution_weight
+    cl = torch.channels_last
+    pad, stride, dil, groups = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+    shape = list(x.shape)
+
+    def pack(w: torch.Tensor, g: int, input_size: list[int]) -> torch.Tensor:
+        return reorder(w.contiguous(memory_format=cl), pad, stride, dil, g, input_size)
+
+    one = [pack(w, groups, [1, *shape[1:]]) for w in weights]
+    batch_w = pack(weights[0], groups, shape)
+    stacked = weights.reshape(segments * conv.out_channels, *weights.shape[2:])
+    grouped_w = pack(stacked, groups * segments, [1, segments * shape[1], *shape[2:]])
+
+    def packed_loop() -> None:
+        for i, w in enumerate(one):
+            conv_op(x[i : i + 1], w, None, pad, stride, dil, groups, "none", [], "")
+
+    def packed_grouped() -> None:
+        xs = x.reshape(1, segments * shape[1], *shape[2:]).contiguous(memory_format=cl)
+        y = conv_op(xs, grouped_w, None, pad, stride, dil, groups * segments, "none", [], "")
+        y.reshape(segments, conv.out_channels, *y.shape[2:]).contiguous(memory_format=cl)
+
+    def packed_batch() -> None:
+        conv_op(x, batch_w, None, pad, stride, dil, groups, "none", [], "")
+
+    return {"packed_loop": packed_loop, "packed_grouped": packed_grouped, "packed_batch": packed_batch}
+
+
+def _packed_cells(t: dict[str, float]) -> str:
+    """The packed columns: the loop's time, grouped / loop, loop / batch ("-" where not run)."""
+    if "packed_loop" not in t or t["packed_loop"] != t["packed_loop"]:
+        return "- | - | -"
+    loop = t["packed_loop"]
+    return f"{loop * 1e3:.3f} | {t['packed_grouped'] / loop:.2f} | {loop / t['packed_batch']:.2f}"
 
 
 def build_time(arch: str, dtype: torch.dtype, repeats: int) -> dict[str, float]:
@@ -163,8 +206,8 @@ def main() -> None:
         "fully mixed batch costs against a single-task batch of the same size.",
         "",
         "| threads | dtype | conv (cin, cout, k, stride) | input | count | loop ms | batch ms | grouped x | bmm x "
-        "| mm x | loop/batch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mm x | loop/batch | packed loop ms | packed grouped x | packed loop/batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     record: dict[str, Any] = {"arch": args.arch, "segments": args.segments, "layers": [], "build": []}
     record["network"] = []
@@ -178,7 +221,7 @@ def main() -> None:
             totals = {"loop": 0.0, "batch": 0.0, "best": 0.0}
             for conv, shape, count in shapes:
                 t = interleaved(layer_variants(conv, shape, args.segments, dtype), args.repeats)
-                best = min(v for name, v in t.items() if name != "batch")
+                best = min(v for name, v in t.items() if name in ("loop", "grouped", "bmm", "mm"))
                 totals["loop"] += t["loop"] * count
                 totals["batch"] += t["batch"] * count
                 totals["best"] += min(best, t["loop"]) * count
@@ -189,15 +232,17 @@ def main() -> None:
                 lines.append(
                     f"| {threads} | {name} | {geometry} | {shape[2]}x{shape[3]} | {count} | {t['loop'] * 1e3:.3f} "
                     f"| {t['batch'] * 1e3:.3f} | {t['grouped'] / t['loop']:.2f} | {bmm} | {mm} "
-                    f"| {t['loop'] / t['batch']:.2f} |"
+                    f"| {t['loop'] / t['batch']:.2f} | {_packed_cells(t)} |"
                 )
+                for key in ("packed_loop", "packed_batch", "packed_grouped"):
+                    totals[key] = totals.get(key, 0.0) + t.get(key, float("nan")) * count
                 print(lines[-1], flush=True)
                 record["layers"].append({"threads": threads, "dtype": name, "geometry": geometry, "shape": shape,
                                          "count": count, "seconds": t})  # fmt: skip
             lines.append(
                 f"| {threads} | {name} | **all convs** | | | {totals['loop'] * 1e3:.2f} | {totals['batch'] * 1e3:.2f} "
                 f"| best per layer: {totals['best'] / totals['loop']:.2f} | | "
-                f"| {totals['loop'] / totals['batch']:.2f} |"
+                f"| {totals['loop'] / totals['batch']:.2f} | {_packed_cells(totals)} |"
             )
             print(lines[-1], flush=True)
             b = build_time(args.arch, dtype, args.repeats)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -74,11 +76,13 @@ class Services:
         )
 
     async def task(self, name: str) -> LoadedTask:
-        """``name`` as the engine serves it; a task still loading in the background is loaded now."""
+        """``name`` as the engine serves it; a stored task not loaded yet (its first use, or its first
+        since it was let go) is read and checked now, on a loader thread."""
         validate_task_name(name)
-        if self.registry.is_pending(name):
-            await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.ensure, name)
-        return self.engine.get_task(name)
+        loaded = self.registry.lookup(name)
+        if loaded is None:
+            loaded = await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.load, name)
+        return loaded
 
     @property
     def device_lost(self) -> BaseException | None:
@@ -178,36 +182,43 @@ def build_services(
         mixed_path=settings.mixed_path,
         cpu_path=settings.cpu_path,
     )
-    registry = TaskRegistry(engine, open_store(settings.store), removal_guard=settings.store_removal_guard)
+    s3_cache = settings.s3_cache_dir or Path(tempfile.gettempdir()) / "piggyback-s3-cache"
+    store = open_store(settings.store, cache_dir=s3_cache, cache_bytes=settings.s3_cache_bytes)
+    registry = TaskRegistry(engine, store, removal_guard=settings.store_removal_guard)
 
-    # Reading and validating the files runs in parallel (single-threaded torch in each, so no
-    # second OpenMP pool; the checksum and the read release the GIL); the engine takes the tasks
-    # one by one.
+    # At start only the headers are read and checked (in parallel: single-threaded torch in each,
+    # so no second OpenMP pool); a task's file is read and checked in full at its first use, on
+    # the "load-now" threads (not queued behind a background scan).
     def load_pool(threads: int, name: str) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
 
     load_threads = settings.load_threads or min(physical_cores(), 4)
     loading = time.perf_counter()
-    loaders = []
+    loaders = [load_pool(load_threads, "piggyback-load"), load_pool(2, "piggyback-load-now")]
     first: str | None = None
     if settings.ready_after == "tasks":
-        with load_pool(load_threads, "piggyback-load") as pool:
-            report = registry.sync(pool)
+        report = registry.sync(loaders[0])
         for name, reason in report.failed.items():
             log.error("skipped task %r: %s", name, reason)
-        log.info("loaded %d task(s) from %s in %.1f s (backbone: %.1f s)", len(report.loaded), settings.store,
-                 time.perf_counter() - loading, loading - started)  # fmt: skip
+        log.info("%d task(s) in %s, headers checked in %.1f s (backbone: %.1f s)", len(report.loaded),
+                 settings.store, time.perf_counter() - loading, loading - started)  # fmt: skip
+        candidates = registry.names()[:3]
     else:
-        loaders = [load_pool(load_threads, "piggyback-load"), load_pool(2, "piggyback-load-now")]
         count = registry.start_background(loaders[0])
-        log.info("loading %d task(s) from %s in the background (backbone: %.1f s)", count, settings.store,
+        log.info("checking %d task(s) of %s in the background (backbone: %.1f s)", count, settings.store,
                  loading - started)  # fmt: skip
-        for name in [*settings.pinned, *sorted(registry.store.snapshot())[:1]]:
-            registry.ensure(name)  # pinned tasks, and one task for the warm-up, before ready
+        candidates = sorted(registry.store.snapshot())[:1]
+    for name in [*settings.pinned, *candidates]:
+        registry.ensure(name)  # pinned tasks, and one task for the warm-up, loaded before ready
+        if name not in settings.pinned:
             first = first or (name if name in engine.tasks else None)
     max_batch_size = settings.max_batch_size or (32 if device == "cuda" else 8)
     budget, how = _cache_budget(settings, engine, max_batch_size)
     engine.cache.resize(budget)
+    if settings.task_cache_bytes == "auto":
+        registry.max_loaded_bytes = max(512 * 2**20, budget // 8)
+    else:
+        registry.max_loaded_bytes = settings.task_cache_bytes
     gpu_reserve = 0
     if engine.device.type == "cuda" and settings.cache_bytes == "auto":
         gpu_reserve = _free_for_us(engine.device) - budget  # the 20% the budget leaves

@@ -208,10 +208,13 @@ def build_services(
         log.info("checking %d task(s) of %s in the background (backbone: %.1f s)", count, settings.store,
                  loading - started)  # fmt: skip
         candidates = sorted(registry.store.snapshot())[:1]
-    for name in [*settings.pinned, *candidates]:
-        registry.ensure(name)  # pinned tasks, and one task for the warm-up, loaded before ready
-        if name not in settings.pinned:
-            first = first or (name if name in engine.tasks else None)
+    for name in settings.pinned:
+        registry.ensure(name)  # pinned tasks loaded before ready
+    for name in candidates:  # and one task for the warm-up
+        registry.ensure(name)
+        if name in engine.tasks:
+            first = name
+            break
     max_batch_size = settings.max_batch_size or (32 if device == "cuda" else 8)
     budget, how = _cache_budget(settings, engine, max_batch_size)
     engine.cache.resize(budget)

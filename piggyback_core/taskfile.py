@@ -450,8 +450,14 @@ class TaskHeader:
     def head_nbytes(self) -> int:
         return sum(self.tensors[n][3] - self.tensors[n][2] for n in ("head/weight", "head/bias"))
 
-    density = TaskFile.density
-    bits_per_parameter = TaskFile.bits_per_parameter
+    @property
+    def density(self) -> float:
+        total = self.num_masked_weights
+        return sum(i.density * i.numel for i in self.layers.values()) / total if total else 1.0
+
+    @property
+    def bits_per_parameter(self) -> float:
+        return 8 * self.mask_nbytes / self.num_masked_weights if self.num_masked_weights else 0.0
 
     def summary(self) -> dict[str, Any]:
         """What :meth:`TaskFile.summary` says about the same file."""

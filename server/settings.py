@@ -107,7 +107,10 @@ class Settings(BaseSettings):
         None, description="an s3:// store's local disk cache of task files; default: piggyback-s3-cache in the temp dir"
     )
     s3_cache_bytes: int = Field(
-        4 * 1024**3, ge=0, description="bytes of the S3 disk cache at most, least recently used first out (0: none)"
+        512 * 1024**2,
+        ge=0,
+        description="bytes of the S3 disk cache at most, least recently used first out (0: none); within the temp "
+        "dir's volume (the Kubernetes manifest gives /tmp 1 GiB)",
     )
     prefill: bool = Field(
         True,

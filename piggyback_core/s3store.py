@@ -275,7 +275,7 @@ class _DiskCache:
             self._evict_to(max_bytes)
 
     @property
-    def bytes(self) -> int:
+    def total_bytes(self) -> int:
         with self._lock:
             return sum(self._files.values())
 
@@ -302,7 +302,7 @@ class _DiskCache:
             return None
         return path
 
-    def put(self, name: str, version: str, data: bytes | bytearray) -> Path:
+    def put(self, name: str, version: str, data: bytes | bytearray | mmap.mmap) -> Path:
         """Write a task version (atomically: a temp file renamed), drop its other versions, evict
         the least recently used files past the bound; the path of the new file."""
         file = self._file(name, version)

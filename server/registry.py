@@ -200,7 +200,7 @@ class TaskRegistry:
             task.check_compatible(self.engine.backbone)
             return task, blob.version
 
-        return _guarded("file", name, read)  # type: ignore[no-any-return]
+        return _guarded("file", name, read)
 
     def _fail(self, name: str, version: str, error: BaseException) -> None:
         """Under the lock: ``name`` (store version ``version``) cannot be served; reported once."""
@@ -411,7 +411,7 @@ class TaskRegistry:
             ]
 
             def check(name: str) -> str | PiggybackError:
-                return _guarded("header", name, lambda: self._check_header(name, snapshot[name])[1])  # type: ignore[no-any-return]
+                return _guarded("header", name, lambda: self._check_header(name, snapshot[name])[1])
 
             read = pool.map(check, todo) if pool is not None and len(todo) > 1 else map(check, todo)
             known, failed = [], {}

@@ -8,6 +8,7 @@ runs on the workers' threads (``device_thread``): see ``server.app``'s lifespan.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import tempfile
 import time
@@ -98,6 +99,16 @@ class Services:
         for pool in self.loaders:
             pool.shutdown(wait=True, cancel_futures=True)
         self.decoder.shutdown(wait=False)
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap memory freed since start back to the system (glibc's ``malloc_trim``): the
+    header scan parses thousands of headers on several threads, and what it frees stays in their
+    malloc arenas otherwise. A no-op where the C library has no such call."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def device_of(settings: Settings) -> str:
@@ -203,6 +214,7 @@ def build_services(
         log.info("%d task(s) in %s, headers checked in %.1f s (backbone: %.1f s)", len(report.loaded),
                  settings.store, time.perf_counter() - loading, loading - started)  # fmt: skip
         candidates = registry.names()[:3]
+        _release_freed_memory()  # what parsing the headers left in the threads' malloc arenas
     else:
         count = registry.start_background(loaders[0])
         log.info("checking %d task(s) of %s in the background (backbone: %.1f s)", count, settings.store,

@@ -59,6 +59,7 @@ from .errors import (
     TaskFileFormatError,
     TaskFileVersionError,
     TaskNotFoundError,
+    TaskUnavailableError,
     TensorDtypeError,
     TensorShapeError,
     UnexpectedTensorError,
@@ -103,8 +104,17 @@ from .masking import (
 from .names import TASK_NAME_PATTERN, validate_task_name
 from .packed import PACKED_OPS, PackedNetwork, packed_supported
 from .s3store import S3Store
-from .store import FileSystemStore, MaskStore, StoreChanges, StoredTask, TaskBlob, diff_snapshots, open_store
-from .taskfile import FORMAT_VERSION, LayerInfo, TaskFile
+from .store import (
+    FileSystemStore,
+    MaskStore,
+    StoreChanges,
+    StoredTask,
+    TaskBlob,
+    TaskHead,
+    diff_snapshots,
+    open_store,
+)
+from .taskfile import FORMAT_VERSION, LayerInfo, TaskFile, TaskHeader
 from .trainer import EpochLog, TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
@@ -163,11 +173,14 @@ __all__ = [
     "StoredTask",
     "TaskBatchNorm2d",
     "TaskBlob",
+    "TaskHead",
     "TaskFile",
+    "TaskHeader",
     "TaskFileError",
     "TaskFileFormatError",
     "TaskFileVersionError",
     "TaskNotFoundError",
+    "TaskUnavailableError",
     "TensorDtypeError",
     "TrainConfig",
     "TrainResult",

@@ -20,7 +20,8 @@
     │   └── ImageTooLargeError        more pixels than allowed (a decompression bomb)
     ├── DatasetError                  a training or evaluation folder that cannot be used
     ├── StoreError                    the store could not complete an operation
-    │   └── TaskNotFoundError         no such task (in the store or in the engine)
+    │   ├── TaskNotFoundError         no such task (in the store or in the engine)
+    │   └── TaskUnavailableError      a stored task whose file cannot be served (found at its first use)
     └── EngineError                   a batch the engine cannot run (bad input shape, empty batch)
         └── WeightBudgetError         a task to pin whose built weights do not fit the cache budget
 
@@ -48,6 +49,7 @@ __all__ = [
     "TaskFileFormatError",
     "TaskFileVersionError",
     "TaskNotFoundError",
+    "TaskUnavailableError",
     "TensorDtypeError",
     "TensorShapeError",
     "UnexpectedTensorError",
@@ -194,6 +196,16 @@ class TaskNotFoundError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the whole message
         return str(self.args[0])
+
+
+class TaskUnavailableError(StoreError):
+    """Task ``task`` is in the store, but its file cannot be served (``reason``): it was found
+    corrupt, hostile or foreign when it was first loaded. It stays so until the file changes."""
+
+    def __init__(self, *, task: str, reason: str) -> None:
+        self.task = task
+        self.reason = reason
+        super().__init__(f"task {task!r} is in the store but cannot be served: {reason}")
 
 
 class EngineError(PiggybackError):

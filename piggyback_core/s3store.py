@@ -17,6 +17,13 @@ Why this is as safe as the filesystem store:
 * S3 has been strongly consistent for reads after writes and for lists since December 2020; two
   writers of one name: the last ``PutObject`` wins, exactly as the filesystem's last rename.
 
+A server reads a task's **header** with a ranged ``GetObject`` (the first 64 KiB, and the rest of
+the header if it is longer), and its **body** at its first use into a bounded **local disk cache**
+(``cache_dir``, ``cache_bytes``): one file per task version, named by its ETag, mapped into memory
+like a filesystem store's file, the least recently used files removed past the bound (a file still
+mapped by a loaded task keeps its disk blocks until it is let go). A body whose ETag is its MD5 (a
+single-part upload) is checked against it before it enters the cache.
+
 boto3 is imported lazily (``pip install 'piggyback-server[s3]'``).
 """
 
@@ -25,12 +32,20 @@ from __future__ import annotations
 import base64
 import builtins
 import hashlib
+import mmap
+import os
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import StoreError, TaskNotFoundError
+from .errors import PiggybackError, StoreError, TaskNotFoundError
 from .names import TASK_NAME_PATTERN, validate_task_name
-from .store import SUFFIX, MaskStore, StoredTask, TaskBlob
+from .store import SUFFIX, MaskStore, StoredTask, TaskBlob, TaskHead
+from .taskfile import header_length
 
 __all__ = ["S3Store", "parse_s3_url"]
 
@@ -54,8 +69,17 @@ class S3Store(MaskStore):
     """Task files as objects in an S3 bucket. ``client`` is a boto3 S3 client; by default one is
     made from the environment (``endpoint_url`` overrides ``AWS_ENDPOINT_URL``)."""
 
-    def __init__(self, url: str, *, client: Any = None, endpoint_url: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        client: Any = None,
+        endpoint_url: str | None = None,
+        cache_dir: str | Path | None = None,
+        cache_bytes: int = 0,
+    ) -> None:
         self.url = url
+        self.cache = _DiskCache(Path(cache_dir), cache_bytes) if cache_dir is not None and cache_bytes > 0 else None
         self.bucket, self.prefix = parse_s3_url(url)
         if client is None:
             try:
@@ -115,6 +139,65 @@ class S3Store(MaskStore):
             raise self._fail(f"read task {name!r}", exc) from exc
         return TaskBlob(name=name, version=_etag(response["ETag"]), data=data)
 
+    def head(self, name: str, version: str | None = None) -> TaskHead:
+        """The header from the disk cache when it holds ``version``, else from one ranged
+        ``GetObject`` of the first 64 KiB (two when the header is longer)."""
+        if self.cache is not None and version is not None:
+            path = self.cache.lookup(name, version)
+            if path is not None:
+                try:
+                    with open(path, "rb") as f:
+                        prefix = f.read(8)
+                        if len(prefix) == 8:
+                            prefix += f.read(header_length(prefix) - 8)
+                        return TaskHead(name, version, os.fstat(f.fileno()).st_size, prefix)
+                except FileNotFoundError:
+                    pass  # evicted meanwhile
+        key = self._key(name)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{_HEAD_BYTES - 1}")
+            prefix = response["Body"].read()
+            etag = response["ETag"]
+            size = _total_size(response, len(prefix))
+            if len(prefix) >= 8 and header_length(prefix[:8]) > len(prefix) and size > len(prefix):
+                rest = self.client.get_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Range=f"bytes={len(prefix)}-{header_length(prefix[:8]) - 1}",
+                    IfMatch=etag,
+                )
+                prefix += rest["Body"].read()
+        except PiggybackError:
+            raise  # a header that claims too much: the file's problem, not the store's
+        except Exception as exc:
+            if _error_code(exc) in ("NoSuchKey", "404"):
+                raise TaskNotFoundError(task=name) from None
+            if _error_code(exc) == "InvalidRange":  # an empty object
+                return TaskHead(name, "", 0, b"")
+            raise self._fail(f"read the header of task {name!r}", exc) from exc
+        return TaskHead(name=name, version=_etag(etag), size=size, prefix=prefix)
+
+    def map(self, name: str, version: str | None = None) -> TaskBlob:
+        """With a disk cache: the task's file there (downloaded first if it is not), mapped into
+        memory; without one, :meth:`get`."""
+        if self.cache is None:
+            return self.get(name)
+        if version is not None:
+            path = self.cache.lookup(name, version)
+            if path is not None:
+                try:
+                    return TaskBlob(name=name, version=version, data=_map(path))
+                except FileNotFoundError:
+                    pass  # evicted meanwhile
+        blob = self.get(name)
+        if _is_md5(blob.version) and hashlib.md5(blob.data, usedforsecurity=False).hexdigest() != blob.version:
+            raise StoreError(f"task {name!r} read from {self.url} does not match its ETag (MD5): a corrupt transfer")
+        try:
+            path = self.cache.put(name, blob.version, blob.data)
+            return TaskBlob(name=name, version=blob.version, data=_map(path))
+        except OSError:  # a full or unwritable cache disk: serve from memory this time
+            return blob
+
     def delete(self, name: str) -> None:
         key = self._key(name)
         try:
@@ -144,6 +227,110 @@ class S3Store(MaskStore):
         except Exception as exc:
             raise self._fail("list tasks", exc) from exc
         return sorted(out, key=lambda t: t.name)
+
+
+_HEAD_BYTES = 64 * 1024  # one ranged read takes the header of any task file of a torchvision backbone
+
+
+def _total_size(response: dict[str, Any], read: int) -> int:
+    """The object's size from a ranged read's ``Content-Range: bytes a-b/TOTAL``."""
+    content_range = response.get("ContentRange") or ""
+    total = content_range.rpartition("/")[2]
+    return int(total) if total.isdigit() else read
+
+
+def _is_md5(etag: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{32}", etag) is not None
+
+
+def _map(path: Path) -> mmap.mmap | bytearray:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else bytearray()
+
+
+class _DiskCache:
+    """Task files on local disk, ``<name>.<etag>.safetensors``, at most ``max_bytes`` in all: the
+    least recently used go first (a hit touches its file's mtime; order at start: by mtime)."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the S3 disk cache {str(root)!r}: {exc.strerror}") from exc
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, int] = OrderedDict()  # file name -> bytes, least recently used first
+        found = []
+        for entry in os.scandir(root):
+            if entry.name.startswith(".tmp-"):
+                Path(entry.path).unlink(missing_ok=True)  # a download cut short
+            elif entry.name.endswith(SUFFIX) and entry.is_file():
+                st = entry.stat()
+                found.append((st.st_mtime_ns, entry.name, st.st_size))
+        for _, file, size in sorted(found):
+            self._files[file] = size
+        with self._lock:
+            self._evict_to(max_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(self._files.values())
+
+    def files(self) -> list[str]:
+        with self._lock:
+            return list(self._files)
+
+    @staticmethod
+    def _file(name: str, version: str) -> str:
+        return f"{name}.{re.sub(r'[^0-9A-Za-z-]', '_', version)}{SUFFIX}"
+
+    def lookup(self, name: str, version: str) -> Path | None:
+        file = self._file(name, version)
+        with self._lock:
+            if file not in self._files:
+                return None
+            self._files.move_to_end(file)
+        path = self.root / file
+        try:
+            os.utime(path)  # the order survives a restart
+        except FileNotFoundError:
+            with self._lock:
+                self._files.pop(file, None)
+            return None
+        return path
+
+    def put(self, name: str, version: str, data: bytes | bytearray | mmap.mmap) -> Path:
+        """Write a task version (atomically: a temp file renamed), drop its other versions, evict
+        the least recently used files past the bound; the path of the new file."""
+        file = self._file(name, version)
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.root / file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        with self._lock:
+            for old in [f for f in self._files if f.split(".")[0] == name and f != file]:  # other versions
+                (self.root / old).unlink(missing_ok=True)
+                del self._files[old]
+            self._files[file] = len(data)
+            self._files.move_to_end(file)
+            self._evict_to(self.max_bytes, keep=file)
+        return self.root / file
+
+    def _evict_to(self, limit: int, keep: str | None = None) -> None:
+        total = sum(self._files.values())
+        for file in list(self._files):
+            if total <= limit:
+                break
+            if file == keep:
+                continue
+            (self.root / file).unlink(missing_ok=True)
+            total -= self._files.pop(file)
 
 
 def _error_code(exc: Exception) -> str:

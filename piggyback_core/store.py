@@ -11,11 +11,17 @@ POSIX filesystem (a ReadWriteMany volume, NFS):
   every put (a rename always brings a new inode), so a replica notices another's changes by
   comparing snapshots (:func:`diff_snapshots`) without reading any file.
 * Task names are validated before they are joined to any path.
+* ``head`` reads a task's header only (a few KiB) and ``map`` maps its file into memory
+  (copy-on-write, never written): what a server needs to list a task at start and to load it at its
+  first use, without the store's size ever being read into memory. A file is replaced by a rename,
+  never rewritten in place, so a mapping keeps the version it was made of. (A tool that truncated a
+  stored file in place would make a mapped read fault: write task files with ``put`` or a rename.)
 """
 
 from __future__ import annotations
 
 import builtins
+import mmap
 import os
 import socket
 import time
@@ -33,6 +39,7 @@ __all__ = [
     "StoreChanges",
     "StoredTask",
     "TaskBlob",
+    "TaskHead",
     "diff_snapshots",
     "open_store",
 ]
@@ -52,7 +59,17 @@ class StoredTask:
 class TaskBlob:
     name: str
     version: str
-    data: bytes | bytearray
+    data: bytes | bytearray | mmap.mmap  # an mmap: copy-on-write, so tensors can be views of it
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """The start of a stored task file: its header at least (``prefix``), and the file's ``size``."""
+
+    name: str
+    version: str
+    size: int
+    prefix: bytes
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,21 @@ class MaskStore(ABC):
     @abstractmethod
     def list(self) -> list[StoredTask]:
         """Every stored task, sorted by name."""
+
+    def head(self, name: str, version: str | None = None) -> TaskHead:
+        """The header of task ``name`` (:func:`~piggyback_core.taskfile.header_length` bytes) and
+        its file's size, without reading the rest where the store can; ``version``: the one the
+        caller listed (a store with a local cache may serve it from there)."""
+        from .taskfile import header_length  # here: the store alone imports no torch
+
+        blob = self.get(name)
+        data = blob.data
+        return TaskHead(name, blob.version, len(data), bytes(data[: header_length(data[:8])]))
+
+    def map(self, name: str, version: str | None = None) -> TaskBlob:
+        """Task ``name`` as cheaply as the store can hand it over: by default its bytes (:meth:`get`);
+        a memory map of a local file where there is one."""
+        return self.get(name)
 
     def snapshot(self) -> dict[str, str]:
         """``{name: version}`` of every stored task; cheap enough to poll."""
@@ -176,6 +208,39 @@ class FileSystemStore(MaskStore):
             raise StoreError(f"cannot read task {name!r}: {exc.strerror}") from exc
         return TaskBlob(name=name, version=version, data=data)
 
+    def head(self, name: str, version: str | None = None) -> TaskHead:
+        from .taskfile import header_length
+
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                prefix = f.read(8)
+                if len(prefix) == 8:
+                    prefix += f.read(header_length(prefix) - 8)
+        except FileNotFoundError:
+            raise TaskNotFoundError(task=name) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read task {name!r}: {exc.strerror}") from exc
+        return TaskHead(name=name, version=_version(st), size=st.st_size, prefix=prefix)
+
+    def map(self, name: str, version: str | None = None) -> TaskBlob:
+        """The file mapped copy-on-write (tensors are views of it; nothing is ever written to it):
+        its pages are read at first touch, shared with every process that maps the same file, and
+        the kernel may drop them again under memory pressure."""
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_size == 0:
+                    return TaskBlob(name=name, version=_version(st), data=bytearray())
+                data = mmap.mmap(f.fileno(), st.st_size, access=mmap.ACCESS_COPY)
+        except FileNotFoundError:
+            raise TaskNotFoundError(task=name) from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot map task {name!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+        return TaskBlob(name=name, version=_version(st), data=data)
+
     def delete(self, name: str) -> None:
         path = self._path(name)
         try:
@@ -240,14 +305,15 @@ def _writer_is_dead(temp_name: str) -> bool:
     return False
 
 
-def open_store(location: str | Path) -> MaskStore:
+def open_store(location: str | Path, *, cache_dir: str | Path | None = None, cache_bytes: int = 0) -> MaskStore:
     """The store at ``location``: ``s3://bucket[/prefix]`` for an S3-compatible object store
-    (:class:`~piggyback_core.s3store.S3Store`), anything else a directory (:class:`FileSystemStore`)."""
+    (:class:`~piggyback_core.s3store.S3Store`, with a local disk cache of task files in ``cache_dir``
+    of ``cache_bytes`` at most when both are given), anything else a directory (:class:`FileSystemStore`)."""
     text = str(location)
     if text.startswith("s3://"):
         from .s3store import S3Store
 
-        return S3Store(text)
+        return S3Store(text, cache_dir=cache_dir, cache_bytes=cache_bytes)
     if "://" in text:
         raise StoreError(f"unsupported store location {text!r}: use a directory or s3://bucket[/prefix]")
     return FileSystemStore(text)

@@ -21,6 +21,11 @@ header happens to be ordered.
 :meth:`TaskFile.from_bytes` checks that a file is complete and consistent in itself;
 :meth:`TaskFile.check_compatible` checks that it fits a given backbone. Each problem raises its own
 :class:`~piggyback_core.errors.TaskFileError`.
+
+:meth:`TaskHeader.parse` makes every check that needs only the header and the file's size (names,
+dtypes, shapes, offsets, labels, layers, the size of every packed mask), without the tensor data:
+what a server checks for each stored task at start. ``from_bytes`` makes the same checks, then the
+ones that read the data (checksum, mask bits against the recorded densities, finite heads).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -39,7 +45,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .bitpack import MASK_KINDS, MaskKind, count_nonzero_packed, pack_mask, validate_packed
+from .bitpack import MASK_KINDS, MaskKind, count_nonzero_packed, pack_mask, packed_nbytes, validate_packed
 from .errors import (
     BackboneMismatchError,
     FingerprintMismatchError,
@@ -67,6 +73,8 @@ __all__ = [
     "MAX_METADATA_DEPTH",
     "LayerInfo",
     "TaskFile",
+    "TaskHeader",
+    "header_length",
 ]
 
 FORMAT_NAME = "piggyback-task"
@@ -138,27 +146,7 @@ class TaskFile:
 
     def summary(self) -> dict[str, Any]:
         """The metadata as plain JSON values (what ``inspect --json`` and ``GET /tasks`` show)."""
-        return {
-            "task": self.name,
-            "version": self.version,
-            "labels": list(self.labels),
-            "num_labels": len(self.labels),
-            "backbone": self.backbone,
-            "fingerprint": self.fingerprint,
-            "mask_kind": self.mask_kind,
-            "threshold": self.threshold,
-            "bits_per_parameter": self.bits_per_parameter,
-            "density": self.density,
-            "masked_out": 1.0 - self.density,
-            "num_masked_weights": self.num_masked_weights,
-            "mask_bytes": self.mask_nbytes,
-            "head_bytes": self.head_nbytes,
-            "per_task_batchnorm": sorted(self.norms),
-            "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None,
-            "layers": {k: {"shape": list(v.shape), "density": v.density} for k, v in self.layers.items()},
-            "provenance": self.provenance,
-            "format_version": FORMAT_VERSION,
-        }
+        return _summary(self, sorted(self.norms))
 
     # --- building -----------------------------------------------------------------------------
 
@@ -260,106 +248,64 @@ class TaskFile:
         return cls.from_bytes(data)
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray) -> TaskFile:
+    def from_bytes(cls, data: bytes | bytearray | mmap.mmap) -> TaskFile:
         """Parse and validate a task file; raise one TaskFileError naming the first problem.
 
-        The tensors are views into the file's bytes: a ``bytearray`` is used as it is (the store
-        reads into one), ``bytes`` are copied once into one."""
-        meta, header = _read_metadata(data)
-        task = meta["task"]
-        if not isinstance(data, bytearray):
+        The tensors are views into the file's bytes: a ``bytearray`` or a writable ``mmap`` (the
+        store maps its files copy-on-write) is used as it is, ``bytes`` are copied once into a
+        ``bytearray``. The header is checked first (:meth:`TaskHeader.parse`), then the data."""
+        head = TaskHeader.parse(data, len(data))
+        task = head.name
+        if not isinstance(data, bytearray | mmap.mmap):
             data = bytearray(data)
-        try:
-            tensors = _tensor_views(data, header)
-        except TaskFileFormatError as exc:
-            raise TaskFileFormatError(str(exc), task=task) from None
-        data_start = 8 + int.from_bytes(data[:8], "little")
-        if hashlib.sha256(memoryview(data)[data_start:]).hexdigest() != meta["data_sha256"]:  # no copy
+        tensors = {
+            name: (
+                torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=head.data_start + begin)
+                if math.prod(shape)
+                else torch.empty(0, dtype=dtype)
+            ).view(shape)
+            for name, (dtype, shape, begin, _) in head.tensors.items()
+        }
+        if hashlib.sha256(memoryview(data)[head.data_start :]).hexdigest() != head.data_sha256:  # no copy
             raise TaskFileFormatError("tensor data does not match its checksum: the file is corrupt", task=task)
-        labels = _parse_labels(meta["labels"], task)
-        mask_kind = meta["mask_kind"]
-        if mask_kind not in MASK_KINDS:
-            raise TaskFileFormatError(f"unknown mask kind {mask_kind!r}", task=task)
-        threshold = _parse_float(meta["threshold"], "threshold", task)
-        layers = _parse_layers(meta["layers"], task)
-
-        masks: dict[str, Tensor] = {}
-        norm_parts: dict[str, dict[str, Tensor]] = {}
-        unexpected: list[str] = []
-        for tname, t in tensors.items():
-            kind, _, rest = tname.partition("/")
-            if kind == "mask" and rest in layers:
-                masks[rest] = t
-            elif kind == "bn" and rest.rpartition("/")[2] in _NORM_FIELDS and rest.rpartition("/")[0]:
-                module, _, f = rest.rpartition("/")
-                norm_parts.setdefault(module, {})[f] = t
-            elif tname not in ("head/weight", "head/bias"):
-                unexpected.append(tname)
-        if unexpected:
-            raise UnexpectedTensorError(names=sorted(unexpected), task=task)
-        missing = [f"mask/{k}" for k in layers if k not in masks]
-        missing += [n for n in ("head/weight", "head/bias") if n not in tensors]
-        missing += [f"bn/{m}/{f}" for m, parts in norm_parts.items() for f in _NORM_FIELDS if f not in parts]
-        if missing:
-            raise MissingTensorError(names=missing, task=task)
-
-        kept_total = 0
-        for key, info in layers.items():
-            problem = validate_packed(masks[key], info.numel, mask_kind)
+        masks = {key: tensors[f"mask/{key}"] for key in head.layers}
+        for key, info in head.layers.items():
+            problem = validate_packed(masks[key], info.numel, head.mask_kind)  # the bits: padding, codes
             if problem is not None:
-                if masks[key].dtype != torch.uint8:
-                    raise TensorDtypeError(
-                        name=f"mask/{key}", expected="uint8", actual=str(masks[key].dtype), task=task
-                    )
                 raise TensorShapeError(f"mask/{key}: {problem}", name=f"mask/{key}", task=task)
-            kept = count_nonzero_packed(masks[key], mask_kind)
+            kept = count_nonzero_packed(masks[key], head.mask_kind)
             if kept != round(info.density * info.numel):
                 raise TaskFileFormatError(
                     f"metadata says mask/{key} keeps {info.density:.6f} of its weights, but its bits keep "
                     f"{kept / max(info.numel, 1):.6f}: the file is corrupt",
                     task=task,
                 )
-            kept_total += kept
-
         head_w, head_b = tensors["head/weight"], tensors["head/bias"]
-        _check_float("head/weight", head_w, task)
-        _check_float("head/bias", head_b, task)
-        if head_w.dim() != 2 or head_b.dim() != 1 or head_b.shape[0] != head_w.shape[0]:
-            raise TensorShapeError(
-                f"head has weight {tuple(head_w.shape)} and bias {tuple(head_b.shape)}; expected "
-                "[num_labels, features] and [num_labels]",
-                name="head/weight",
-                task=task,
-            )
-        if head_w.shape[0] != len(labels):
-            raise LabelsError(f"{len(labels)} labels for a head of {head_w.shape[0]} outputs", task=task)
-
+        _check_finite("head/weight", head_w, task)
+        _check_finite("head/bias", head_b, task)
         norms: dict[str, NormParams] = {}
-        for module, parts in norm_parts.items():
-            sizes = {tuple(parts[f].shape) for f in _NORM_FIELDS}
-            for f in _NORM_FIELDS:
-                _check_float(f"bn/{module}/{f}", parts[f], task)
-            if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-                raise TensorShapeError(f"bn/{module}: tensors of shapes {sorted(sizes)}", name=module, task=task)
-            if bool((parts["running_var"] < 0).any()):
+        for module in head.norm_modules:
+            parts = [tensors[f"bn/{module}/{f}"] for f in _NORM_FIELDS]
+            for f, t in zip(_NORM_FIELDS, parts, strict=True):
+                _check_finite(f"bn/{module}/{f}", t, task)
+            if bool((parts[3] < 0).any()):
                 raise TaskFileFormatError(f"bn/{module}/running_var has negative entries", task=task)
-            norms[module] = NormParams(*(parts[f] for f in _NORM_FIELDS))
-
+            norms[module] = NormParams(*parts)
         return cls(
             name=task,
-            labels=labels,
-            backbone=meta["backbone"],
-            fingerprint=meta["fingerprint"],
-            mask_kind=mask_kind,
-            threshold=threshold,
-            layers=layers,
+            labels=head.labels,
+            backbone=head.backbone,
+            fingerprint=head.fingerprint,
+            mask_kind=head.mask_kind,
+            threshold=head.threshold,
+            layers=head.layers,
             masks=masks,
             head_weight=head_w,
             head_bias=head_b,
             norms=norms,
-            provenance=_parse_json(meta.get("provenance", "{}"), "provenance", dict, task),
-            preprocessing=_parse_preprocessing(meta.get("preprocessing"), task),
-            version=hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16],
+            provenance=head.provenance,
+            preprocessing=head.preprocessing,
+            version=head.version,
         )
 
     def renamed(self, name: str) -> TaskFile:
@@ -375,38 +321,224 @@ class TaskFile:
 
     def check_compatible(self, backbone: Backbone) -> None:
         """Raise unless this task can be served by ``backbone`` exactly as it was trained."""
-        if self.backbone != backbone.arch:
-            raise BackboneMismatchError(expected=backbone.arch, actual=self.backbone, task=self.name)
-        if self.fingerprint != backbone.fingerprint:
-            raise FingerprintMismatchError(expected=backbone.fingerprint, actual=self.fingerprint, task=self.name)
-        missing = [f"mask/{k}" for k in backbone.mask_shapes if k not in self.layers]
+        norms = {m: int(p.weight.shape[0]) for m, p in self.norms.items()}
+        _check_compatible(self, norms, int(self.head_weight.shape[1]), backbone)
+
+
+@dataclass(frozen=True)
+class TaskHeader:
+    """What a task file's header says, checked in itself and against the file's size, without its
+    tensor data (:meth:`parse`). Enough to list the task (:meth:`summary`) and to check that it fits
+    a backbone (:meth:`check_compatible`); :meth:`TaskFile.from_bytes` then checks the data."""
+
+    name: str
+    labels: tuple[str, ...]
+    backbone: str
+    fingerprint: str
+    mask_kind: MaskKind
+    threshold: float
+    layers: dict[str, LayerInfo]
+    # every tensor: name -> (dtype, shape, begin, end), the byte range within the data section
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = field(repr=False)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
+    version: str = ""
+    data_sha256: str = field(default="", repr=False)
+    data_start: int = 0  # where the data section begins: 8 + the header's length
+    size: int = 0  # the whole file's bytes
+
+    @classmethod
+    def parse(cls, prefix: bytes | bytearray | mmap.mmap, size: int) -> TaskHeader:
+        """The header at the start of ``prefix`` (the first :func:`header_length` bytes of the file at
+        least) of a file of ``size`` bytes; one TaskFileError naming the first problem."""
+        meta, header = _read_metadata(prefix, size)
+        task = meta["task"]
+        data_start = 8 + int.from_bytes(prefix[:8], "little")
+        try:
+            table = _tensor_table(header, size - data_start)
+        except TaskFileFormatError as exc:
+            raise TaskFileFormatError(str(exc), task=task) from None
+        labels = _parse_labels(meta["labels"], task)
+        mask_kind = meta["mask_kind"]
+        if mask_kind not in MASK_KINDS:
+            raise TaskFileFormatError(f"unknown mask kind {mask_kind!r}", task=task)
+        threshold = _parse_float(meta["threshold"], "threshold", task)
+        layers = _parse_layers(meta["layers"], task)
+
+        norm_parts: dict[str, set[str]] = {}
+        unexpected: list[str] = []
+        for tname in table:
+            kind, _, rest = tname.partition("/")
+            if kind == "mask" and rest in layers:
+                continue
+            if kind == "bn" and rest.rpartition("/")[2] in _NORM_FIELDS and rest.rpartition("/")[0]:
+                module, _, f = rest.rpartition("/")
+                norm_parts.setdefault(module, set()).add(f)
+            elif tname not in ("head/weight", "head/bias"):
+                unexpected.append(tname)
+        if unexpected:
+            raise UnexpectedTensorError(names=sorted(unexpected), task=task)
+        missing = [f"mask/{k}" for k in layers if f"mask/{k}" not in table]
+        missing += [n for n in ("head/weight", "head/bias") if n not in table]
+        missing += [f"bn/{m}/{f}" for m, parts in norm_parts.items() for f in _NORM_FIELDS if f not in parts]
         if missing:
-            raise MissingTensorError(names=missing, task=self.name)
-        extra = [f"mask/{k}" for k in self.layers if k not in backbone.mask_shapes]
-        extra += [f"bn/{m}" for m in self.norms if m not in backbone.norm_sizes]
-        if extra:
-            raise UnexpectedTensorError(names=extra, task=self.name)
-        for key, shape in backbone.mask_shapes.items():
-            if self.layers[key].shape != shape:
-                raise TensorShapeError(
-                    f"mask/{key} is for shape {self.layers[key].shape}, the backbone's weight is {shape}",
-                    name=f"mask/{key}",
-                    task=self.name,
+            raise MissingTensorError(names=missing, task=task)
+
+        for key, info in layers.items():  # the layout of each packed mask; its bits wait for the data
+            dtype, shape = table[f"mask/{key}"][:2]
+            if dtype != torch.uint8:
+                raise TensorDtypeError(name=f"mask/{key}", expected="uint8", actual=str(dtype), task=task)
+            expected = packed_nbytes(info.numel, mask_kind)
+            if len(shape) != 1:
+                problem = f"shape is {shape}, expected a flat byte vector"
+                raise TensorShapeError(f"mask/{key}: {problem}", name=f"mask/{key}", task=task)
+            if shape[0] != expected:
+                problem = (
+                    f"holds {shape[0]} bytes, but a {mask_kind} mask over {info.numel} weights takes exactly {expected}"
                 )
-        if self.head_weight.shape[1] != backbone.feature_dim:
+                raise TensorShapeError(f"mask/{key}: {problem}", name=f"mask/{key}", task=task)
+
+        (w_dtype, w_shape), (b_dtype, b_shape) = table["head/weight"][:2], table["head/bias"][:2]
+        _check_float_dtype("head/weight", w_dtype, task)
+        _check_float_dtype("head/bias", b_dtype, task)
+        if len(w_shape) != 2 or len(b_shape) != 1 or b_shape[0] != w_shape[0]:
             raise TensorShapeError(
-                f"head takes {self.head_weight.shape[1]} features, the backbone gives {backbone.feature_dim}",
+                f"head has weight {w_shape} and bias {b_shape}; expected [num_labels, features] and [num_labels]",
                 name="head/weight",
-                task=self.name,
+                task=task,
             )
-        for module, p in self.norms.items():
-            expected = backbone.norm_sizes[module]
-            if p.weight.shape[0] != expected:
-                raise TensorShapeError(
-                    f"bn/{module} has {p.weight.shape[0]} channels, the backbone's has {expected}",
-                    name=f"bn/{module}",
-                    task=self.name,
-                )
+        if w_shape[0] != len(labels):
+            raise LabelsError(f"{len(labels)} labels for a head of {w_shape[0]} outputs", task=task)
+        for module in norm_parts:
+            sizes = {table[f"bn/{module}/{f}"][1] for f in _NORM_FIELDS}
+            for f in _NORM_FIELDS:
+                _check_float_dtype(f"bn/{module}/{f}", table[f"bn/{module}/{f}"][0], task)
+            if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+                raise TensorShapeError(f"bn/{module}: tensors of shapes {sorted(sizes)}", name=module, task=task)
+
+        return cls(
+            name=task,
+            labels=labels,
+            backbone=meta["backbone"],
+            fingerprint=meta["fingerprint"],
+            mask_kind=mask_kind,
+            threshold=threshold,
+            layers=layers,
+            tensors=table,
+            provenance=_parse_json(meta.get("provenance", "{}"), "provenance", dict, task),
+            preprocessing=_parse_preprocessing(meta.get("preprocessing"), task),
+            version=hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16],
+            data_sha256=meta["data_sha256"],
+            data_start=data_start,
+            size=size,
+        )
+
+    @property
+    def norm_modules(self) -> list[str]:
+        """The modules with per-task BatchNorm, sorted."""
+        return sorted({n[3:].rpartition("/")[0] for n in self.tensors if n.startswith("bn/")})
+
+    @property
+    def num_masked_weights(self) -> int:
+        return sum(info.numel for info in self.layers.values())
+
+    @property
+    def mask_nbytes(self) -> int:
+        return sum(self.tensors[f"mask/{k}"][3] - self.tensors[f"mask/{k}"][2] for k in self.layers)
+
+    @property
+    def head_nbytes(self) -> int:
+        return sum(self.tensors[n][3] - self.tensors[n][2] for n in ("head/weight", "head/bias"))
+
+    @property
+    def density(self) -> float:
+        total = self.num_masked_weights
+        return sum(i.density * i.numel for i in self.layers.values()) / total if total else 1.0
+
+    @property
+    def bits_per_parameter(self) -> float:
+        return 8 * self.mask_nbytes / self.num_masked_weights if self.num_masked_weights else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """What :meth:`TaskFile.summary` says about the same file."""
+        return _summary(self, self.norm_modules)
+
+    def check_compatible(self, backbone: Backbone) -> None:
+        """What :meth:`TaskFile.check_compatible` checks, from the header."""
+        norms = {m: self.tensors[f"bn/{m}/weight"][1][0] for m in self.norm_modules}
+        _check_compatible(self, norms, self.tensors["head/weight"][1][1], backbone)
+
+
+def header_length(prefix: bytes | bytearray) -> int:
+    """How many bytes of a task file its header takes (8 + the length its first 8 bytes give);
+    TaskFileFormatError when they claim more than :data:`MAX_HEADER_BYTES`."""
+    if len(prefix) < 8:
+        raise TaskFileFormatError(f"not a task file: {len(prefix)} bytes, too short for a safetensors header")
+    n = int.from_bytes(prefix[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise TaskFileFormatError(f"not a task file: header claims {n} bytes (limit {MAX_HEADER_BYTES})")
+    return 8 + n
+
+
+def _summary(t: TaskFile | TaskHeader, norm_modules: list[str]) -> dict[str, Any]:
+    return {
+        "task": t.name,
+        "version": t.version,
+        "labels": list(t.labels),
+        "num_labels": len(t.labels),
+        "backbone": t.backbone,
+        "fingerprint": t.fingerprint,
+        "mask_kind": t.mask_kind,
+        "threshold": t.threshold,
+        "bits_per_parameter": t.bits_per_parameter,
+        "density": t.density,
+        "masked_out": 1.0 - t.density,
+        "num_masked_weights": t.num_masked_weights,
+        "mask_bytes": t.mask_nbytes,
+        "head_bytes": t.head_nbytes,
+        "per_task_batchnorm": norm_modules,
+        "preprocessing": t.preprocessing.to_dict() if t.preprocessing else None,
+        "layers": {k: {"shape": list(v.shape), "density": v.density} for k, v in t.layers.items()},
+        "provenance": t.provenance,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def _check_compatible(t: TaskFile | TaskHeader, norms: dict[str, int], head_features: int, backbone: Backbone) -> None:
+    """Raise unless the task ``t`` (its per-task BatchNorm channels ``norms``, its head's input
+    features) can be served by ``backbone`` exactly as it was trained."""
+    if t.backbone != backbone.arch:
+        raise BackboneMismatchError(expected=backbone.arch, actual=t.backbone, task=t.name)
+    if t.fingerprint != backbone.fingerprint:
+        raise FingerprintMismatchError(expected=backbone.fingerprint, actual=t.fingerprint, task=t.name)
+    missing = [f"mask/{k}" for k in backbone.mask_shapes if k not in t.layers]
+    if missing:
+        raise MissingTensorError(names=missing, task=t.name)
+    extra = [f"mask/{k}" for k in t.layers if k not in backbone.mask_shapes]
+    extra += [f"bn/{m}" for m in norms if m not in backbone.norm_sizes]
+    if extra:
+        raise UnexpectedTensorError(names=extra, task=t.name)
+    for key, shape in backbone.mask_shapes.items():
+        if t.layers[key].shape != shape:
+            raise TensorShapeError(
+                f"mask/{key} is for shape {t.layers[key].shape}, the backbone's weight is {shape}",
+                name=f"mask/{key}",
+                task=t.name,
+            )
+    if head_features != backbone.feature_dim:
+        raise TensorShapeError(
+            f"head takes {head_features} features, the backbone gives {backbone.feature_dim}",
+            name="head/weight",
+            task=t.name,
+        )
+    for module, channels in norms.items():
+        expected = backbone.norm_sizes[module]
+        if channels != expected:
+            raise TensorShapeError(
+                f"bn/{module} has {channels} channels, the backbone's has {expected}",
+                name=f"bn/{module}",
+                task=t.name,
+            )
 
 
 # --- parsing helpers -----------------------------------------------------------------------------
@@ -424,16 +556,13 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 
 
-def _tensor_views(data: bytearray, header: dict[str, Any]) -> dict[str, Tensor]:
-    """The tensors of a safetensors file as views into ``data`` (no copy), after the checks
-    safetensors' own reader makes: known dtypes, integer shapes, every byte range within the data
-    section and the size its shape and dtype say, the ranges tiling the section without overlap or
-    gap. Task loading is dominated by per-byte passes (1,000 ResNet-50 tasks at start), and
-    safetensors' ``load(bytes)`` copies every tensor once more."""
-    start = 8 + int.from_bytes(data[:8], "little")
-    size = len(data) - start
-    views: dict[str, Tensor] = {}
-    spans: list[tuple[int, int, str]] = []
+def _tensor_table(header: dict[str, Any], size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """Every tensor of a safetensors header as (dtype, shape, begin, end) within a data section of
+    ``size`` bytes, after the checks safetensors' own reader makes: known dtypes, integer shapes,
+    every byte range within the data section and the size its shape and dtype say, the ranges
+    tiling the section without overlap or gap. (:meth:`TaskFile.from_bytes` makes views of them
+    itself, without a copy: safetensors' ``load(bytes)`` copies every tensor once more.)"""
+    table: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -453,39 +582,35 @@ def _tensor_views(data: bytearray, header: dict[str, Any]) -> dict[str, Tensor]:
                 f"not a valid safetensors file: tensor {name!r} spans bytes {begin}-{end} of {size}, "
                 f"but {entry['dtype']}{shape} takes {numel * dtype.itemsize}"
             )
-        spans.append((begin, end, name))
-        flat = (
-            torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin)
-            if numel
-            else torch.empty(0, dtype=dtype)
-        )
-        try:
-            views[name] = flat.view(shape)
-        except (RuntimeError, TypeError) as exc:  # an empty tensor with a dimension past int64
-            raise TaskFileFormatError(f"not a valid safetensors file: tensor {name!r} has shape {shape}") from exc
+        if numel == 0 and any(d >= 2**63 for d in shape):  # torch cannot make an empty tensor that wide
+            raise TaskFileFormatError(f"not a valid safetensors file: tensor {name!r} has shape {shape}")
+        table[name] = (dtype, tuple(shape), begin, end)
     position = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, name in sorted((b, e, n) for n, (_, _, b, e) in table.items()):
         if begin != position:
             raise TaskFileFormatError(f"not a valid safetensors file: tensor {name!r} overlaps another or leaves a gap")
         position = end
     if position != size:
         raise TaskFileFormatError(f"not a valid safetensors file: {size - position} bytes after the last tensor")
-    return views
+    return table
 
 
-def _read_metadata(data: bytes | bytearray) -> tuple[dict[str, str], dict[str, Any]]:
-    """(the task metadata, the whole safetensors header), checked."""
-    if not isinstance(data, bytes | bytearray | memoryview):
+def _read_metadata(data: bytes | bytearray | mmap.mmap, size: int) -> tuple[dict[str, str], dict[str, Any]]:
+    """(the task metadata, the whole safetensors header), checked; ``data`` holds the header at
+    least, of a file of ``size`` bytes."""
+    if not isinstance(data, bytes | bytearray | memoryview | mmap.mmap):
         raise TaskFileFormatError("a task file is bytes")
-    if len(data) < 8:
-        raise TaskFileFormatError(f"not a task file: {len(data)} bytes, too short for a safetensors header")
+    if size < 8 or len(data) < 8:
+        raise TaskFileFormatError(f"not a task file: {size} bytes, too short for a safetensors header")
     n = int.from_bytes(data[:8], "little")
     if data[8:9] != b"{":  # a safetensors header is a JSON object, so its first byte is '{'
         raise TaskFileFormatError("not a task file (not safetensors)")
     if n > MAX_HEADER_BYTES:
         raise TaskFileFormatError(f"not a task file: header claims {n} bytes (limit {MAX_HEADER_BYTES})")
+    if 8 + n > size:
+        raise TaskFileFormatError(f"truncated task file: header claims {n} bytes, file has {size - 8}")
     if 8 + n > len(data):
-        raise TaskFileFormatError(f"truncated task file: header claims {n} bytes, file has {len(data) - 8}")
+        raise TaskFileFormatError(f"only {len(data)} bytes of a header of {8 + n} were read")
     raw = bytes(data[8 : 8 + n])
     if _nested_deeper_than(raw, MAX_HEADER_DEPTH):
         raise TaskFileFormatError(f"not a task file: header nested deeper than {MAX_HEADER_DEPTH} levels")
@@ -614,9 +739,12 @@ def _parse_layers(raw: str, task: str) -> dict[str, LayerInfo]:
     return out
 
 
-def _check_float(name: str, t: Tensor, task: str) -> None:
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TensorDtypeError(name=name, expected="float32, float16 or bfloat16", actual=str(t.dtype), task=task)
+def _check_float_dtype(name: str, dtype: torch.dtype, task: str) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise TensorDtypeError(name=name, expected="float32, float16 or bfloat16", actual=str(dtype), task=task)
+
+
+def _check_finite(name: str, t: Tensor, task: str) -> None:
     # The sum is finite only if every element is (a NaN or an infinity makes it NaN or infinite);
     # 15x faster than isfinite().all(), which runs only when the sum overflows or is not finite.
     if not math.isfinite(float(t.float().sum())) and not bool(torch.isfinite(t).all()):

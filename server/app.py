@@ -162,13 +162,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services = app.state.services
             if services is None or not settings.prefill or services.repository.explicit:
                 return  # explicit: the loaded tasks are pinned (built) already, the others not served
-            engine, built = services.engine, 0
-            while services.registry.loading:  # ready_after=backbone: the tasks are still loading
+            engine, registry, built = services.engine, services.registry, 0
+            while registry.loading:  # ready_after=backbone: the headers are still being checked
                 await asyncio.sleep(0.2)
             await loop.run_in_executor(management, services.recheck_cache_budget)  # their masks took memory
-            for name in sorted(engine.tasks, key=lambda n: hashlib.sha256(n.encode()).digest()):
+            for name in sorted(registry.names(), key=lambda n: hashlib.sha256(n.encode()).digest()):
                 if engine.cache.free_bytes < engine.weights_nbytes:
                     break
+                if name not in engine.tasks:  # loaded for it, as far as loaded tasks have room
+                    if not registry.has_room():
+                        break
+                    await loop.run_in_executor(services.loaders[0], registry.ensure, name)
                 if await loop.run_in_executor(device_thread, engine.prefill, name):
                     built += 1
             log.info("weight cache prefilled: %d task(s), %.0f MiB", built, engine.cache.bytes / 2**20)

@@ -62,7 +62,8 @@ class ModelRepository:
 
     def _known(self, name: str) -> bool:
         """Whether this replica has ``name`` (served, still being read, or broken in the store)."""
-        return name in self.engine.tasks or self.registry.is_pending(name) or name in self.registry.failed
+        registry = self.registry
+        return name in registry or name in self.engine.tasks or registry.is_pending(name) or name in registry.failed
 
     def check_served(self, name: str) -> None:
         """With ``explicit``: TaskNotLoadedError (404) for a stored task that is not loaded,
@@ -78,7 +79,7 @@ class ModelRepository:
         weights, and serve it. Raises, and loads nothing, when the store has no such task
         (TaskNotFoundError), its file cannot be served (TaskFileError) or its weights do not fit
         beside the pinned ones (WeightBudgetError)."""
-        task = self.registry.load(name)
+        task = self.registry.fetch(name)
         self.engine.pin(name)
         with self._lock:
             self._loaded.add(name)
@@ -101,7 +102,8 @@ class ModelRepository:
         """Every task this replica has (as its last store poll saw the store), sorted by name."""
         tasks = self.engine.tasks
         loaded = self.loaded
-        names = sorted({*tasks, *self.registry.failed, *self.registry.pending_names()})
+        registry = self.registry
+        names = sorted({*registry.names(), *tasks, *registry.failed, *registry.pending_names()})
         entries = [self._entry(name, tasks.get(name), name in loaded) for name in names]
         return [e for e in entries if e.state == "READY" or not ready_only]
 
@@ -109,10 +111,10 @@ class ModelRepository:
         not_loaded = f"not loaded (model_control=explicit): POST /v2/repository/models/{name}/load"
         if task is None and name in self.registry.failed:
             return IndexEntry(name, None, "UNAVAILABLE", "its file in the store cannot be served: load it to see why")
-        if task is None:  # ready_after=backbone: still being read
-            if self.explicit and not loaded:
-                return IndexEntry(name, None, "UNAVAILABLE", not_loaded)
-            return IndexEntry(name, None, "LOADING", "being read from the store; a request for it reads it at once")
         if self.explicit and not loaded:
-            return IndexEntry(name, task.version, "UNAVAILABLE", not_loaded)
+            return IndexEntry(name, task.version if task else None, "UNAVAILABLE", not_loaded)
+        if task is None and self.registry.is_pending(name):  # ready_after=backbone: its header is being checked
+            return IndexEntry(name, None, "LOADING", "being checked in the store; a request for it reads it at once")
+        if task is None:  # servable, its file read at its first use
+            return IndexEntry(name, None, "READY", "")
         return IndexEntry(name, task.version, "READY", "")

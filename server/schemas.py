@@ -109,8 +109,9 @@ class ReadyResponse(BaseModel):
     layout: str = Field(description="activation layout: channels_last or contiguous")
     mixed_path: str = Field(description="how batches that mix tasks run: segments or stacked")
     cpu_path: str = Field("reference", description="packed (fused, prepacked oneDNN weights) or reference")
-    tasks: int
-    tasks_loading: int = Field(description="tasks still loading in the background (ready_after=backbone)")
+    tasks: int = Field(description="stored tasks this replica serves (their headers checked)")
+    tasks_loaded: int = Field(0, description="tasks loaded now (read and checked in full at their first use)")
+    tasks_loading: int = Field(description="tasks whose headers are still being checked (ready_after=backbone)")
     workers: int = Field(description="batches computed at once")
     worker_threads: int = Field(description="intra-op threads of each worker")
     cache_budget_bytes: int = Field(description="byte budget of the built-weights cache")

@@ -8,10 +8,13 @@ runs on the workers' threads (``device_thread``): see ``server.app``'s lifespan.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -78,15 +81,17 @@ class Services:
         self.repository = ModelRepository(self.engine, self.registry, explicit=explicit, loaded=self.settings.pinned)
 
     async def task(self, name: str, *, loaded_only: bool = True) -> LoadedTask:
-        """``name`` as the engine serves it; a task still loading in the background is loaded now.
-        With ``model_control=explicit``, a task not loaded is TaskNotLoadedError (404) unless
-        ``loaded_only`` is False (what the task-management routes show)."""
+        """``name`` as the engine serves it; a stored task not loaded yet (its first use, or its first
+        since it was let go) is read and checked now, on a loader thread. With
+        ``model_control=explicit``, a task not loaded through the repository API is
+        TaskNotLoadedError (404) unless ``loaded_only`` is False (what the task-management routes show)."""
         validate_task_name(name)
         if loaded_only:
             self.repository.check_served(name)
-        if self.registry.is_pending(name):
-            await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.ensure, name)
-        return self.engine.get_task(name)
+        loaded = self.registry.lookup(name)
+        if loaded is None:
+            loaded = await asyncio.get_running_loop().run_in_executor(self.loaders[-1], self.registry.load, name)
+        return loaded
 
     @property
     def device_lost(self) -> BaseException | None:
@@ -102,6 +107,16 @@ class Services:
         for pool in self.loaders:
             pool.shutdown(wait=True, cancel_futures=True)
         self.decoder.shutdown(wait=False)
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap memory freed since start back to the system (glibc's ``malloc_trim``): the
+    header scan parses thousands of headers on several threads, and what it frees stays in their
+    malloc arenas otherwise. A no-op where the C library has no such call."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def device_of(settings: Settings) -> str:
@@ -186,36 +201,47 @@ def build_services(
         mixed_path=settings.mixed_path,
         cpu_path=settings.cpu_path,
     )
-    registry = TaskRegistry(engine, open_store(settings.store), removal_guard=settings.store_removal_guard)
+    s3_cache = settings.s3_cache_dir or Path(tempfile.gettempdir()) / "piggyback-s3-cache"
+    store = open_store(settings.store, cache_dir=s3_cache, cache_bytes=settings.s3_cache_bytes)
+    registry = TaskRegistry(engine, store, removal_guard=settings.store_removal_guard)
 
-    # Reading and validating the files runs in parallel (single-threaded torch in each, so no
-    # second OpenMP pool; the checksum and the read release the GIL); the engine takes the tasks
-    # one by one.
+    # At start only the headers are read and checked (in parallel: single-threaded torch in each,
+    # so no second OpenMP pool); a task's file is read and checked in full at its first use, on
+    # the "load-now" threads (not queued behind a background scan).
     def load_pool(threads: int, name: str) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
 
     load_threads = settings.load_threads or min(physical_cores(), 4)
     loading = time.perf_counter()
-    loaders = []
+    loaders = [load_pool(load_threads, "piggyback-load"), load_pool(2, "piggyback-load-now")]
     first: str | None = None
     if settings.ready_after == "tasks":
-        with load_pool(load_threads, "piggyback-load") as pool:
-            report = registry.sync(pool)
+        report = registry.sync(loaders[0])
         for name, reason in report.failed.items():
             log.error("skipped task %r: %s", name, reason)
-        log.info("loaded %d task(s) from %s in %.1f s (backbone: %.1f s)", len(report.loaded), settings.store,
-                 time.perf_counter() - loading, loading - started)  # fmt: skip
+        log.info("%d task(s) in %s, headers checked in %.1f s (backbone: %.1f s)", len(report.loaded),
+                 settings.store, time.perf_counter() - loading, loading - started)  # fmt: skip
+        candidates = registry.names()[:3]
+        _release_freed_memory()  # what parsing the headers left in the threads' malloc arenas
     else:
-        loaders = [load_pool(load_threads, "piggyback-load"), load_pool(2, "piggyback-load-now")]
         count = registry.start_background(loaders[0])
-        log.info("loading %d task(s) from %s in the background (backbone: %.1f s)", count, settings.store,
+        log.info("checking %d task(s) of %s in the background (backbone: %.1f s)", count, settings.store,
                  loading - started)  # fmt: skip
-        for name in [*settings.pinned, *sorted(registry.store.snapshot())[:1]]:
-            registry.ensure(name)  # pinned tasks, and one task for the warm-up, before ready
-            first = first or (name if name in engine.tasks else None)
+        candidates = sorted(registry.store.snapshot())[:1]
+    for name in settings.pinned:
+        registry.ensure(name)  # pinned tasks loaded before ready
+    for name in candidates:  # and one task for the warm-up
+        registry.ensure(name)
+        if name in engine.tasks:
+            first = name
+            break
     max_batch_size = settings.max_batch_size or (32 if device == "cuda" else 8)
     budget, how = _cache_budget(settings, engine, max_batch_size)
     engine.cache.resize(budget)
+    if settings.task_cache_bytes == "auto":
+        registry.max_loaded_bytes = max(512 * 2**20, budget // 8)
+    else:
+        registry.max_loaded_bytes = settings.task_cache_bytes
     gpu_reserve = 0
     if engine.device.type == "cuda" and settings.cache_bytes == "auto":
         gpu_reserve = _free_for_us(engine.device) - budget  # the 20% the budget leaves

@@ -104,6 +104,21 @@ class Settings(BaseSettings):
         "the memory available at start on a CPU (the container's limit if lower), 80% of the free GPU memory "
         "after the backbone and a warm-up of the largest batch on CUDA",
     )
+    task_cache_bytes: int | Literal["auto"] = Field(
+        "auto",
+        description="loaded tasks (their packed masks, heads and BatchNorm) held at most, in bytes; past it the least "
+        "recently used are let go and read again at their next use; auto: an eighth of the weight cache budget, at "
+        "least 512 MiB",
+    )
+    s3_cache_dir: Path | None = Field(
+        None, description="an s3:// store's local disk cache of task files; default: piggyback-s3-cache in the temp dir"
+    )
+    s3_cache_bytes: int = Field(
+        512 * 1024**2,
+        ge=0,
+        description="bytes of the S3 disk cache at most, least recently used first out (0: none); within the temp "
+        "dir's volume (the Kubernetes manifest gives /tmp 1 GiB)",
+    )
     prefill: bool = Field(
         True,
         description="after start, build tasks' weights into the cache's free room in the background (evicts nothing)",
@@ -136,14 +151,13 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=64,
-        description="threads that read and validate task files at start; default: min(cores, 4) (1,000 resnet50 "
-        "tasks on 2 cores: 4.0-4.5 s with 2 threads, 7.8-8.3 s with 1, 5.4 s with 4)",
+        description="threads that read and check the task files' headers at start; default: min(cores, 4)",
     )
     ready_after: Literal["tasks", "backbone"] = Field(
         "tasks",
-        description="when /readyz turns ready: tasks (every task of the store loaded and validated) or backbone "
-        "(the backbone loaded and warmed up; tasks load in the background, and a request for one still loading "
-        "loads it at once)",
+        description="when /readyz turns ready: tasks (every stored task's header checked: each is listed and served, "
+        "its file read and checked in full at its first use) or backbone (the backbone loaded and warmed up; the "
+        "headers are checked in the background, and a request for a task not checked yet checks it at once)",
     )
     metrics_top_tasks: int = Field(
         50,

@@ -46,13 +46,17 @@ async def list_tasks(
     limit: Annotated[int, Query(ge=1, le=1000, description="tasks per page")] = 100,
     after: Annotated[str | None, Query(max_length=64, description="the previous page's `next`")] = None,
 ) -> TaskListResponse:
-    tasks = services.engine.tasks
-    names = sorted(tasks)
+    registry = services.registry
+    names = sorted(set(registry.names()) | set(services.engine.tasks))
     start = bisect.bisect_right(names, after) if after is not None else 0
     page = names[start : start + limit]
-    failed = dict.fromkeys(services.registry.failed, "cannot be loaded; see the server log")
+    failed = dict.fromkeys(registry.failed, "cannot be loaded; see the server log")
+    # a loaded task's summary is at hand; another's is read from its header (off the event loop)
+    summaries = await asyncio.get_running_loop().run_in_executor(
+        services.loaders[-1], lambda: [registry.summary(n) for n in page]
+    )
     return TaskListResponse(
-        tasks=[TaskSummaryPublic(**_summary(tasks[n])) for n in page],
+        tasks=[TaskSummaryPublic(**s) for s in summaries if s is not None],
         failed=failed,
         total=len(names),
         next=page[-1] if start + limit < len(names) else None,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from piggyback_core import Backbone, Engine, FileSystemStore, TaskFile
+from piggyback_core import Backbone, Engine, FileSystemStore, TaskFile, TaskHeader, TaskUnavailableError
 from server.registry import TaskRegistry
 from tests.conftest import make_task
 
@@ -86,12 +86,30 @@ def test_an_unexpected_error_while_reading_one_file_is_that_files_error(
             raise RecursionError("maximum recursion depth exceeded while decoding a JSON object")
         return task
 
-    monkeypatch.setattr(TaskFile, "from_bytes", staticmethod(parser_with_a_bug))
-    registry = TaskRegistry(engine, store)
-    report = registry.sync()
+    real_header = TaskHeader.parse
+
+    def header_parser_with_a_bug(prefix: Any, size: int) -> TaskHeader:
+        header = real_header(prefix, size)
+        if header.name == "poison":
+            raise RecursionError("maximum recursion depth exceeded while decoding a JSON object")
+        return header
+
+    # in the header check at start ...
+    with monkeypatch.context() as patched:
+        patched.setattr(TaskHeader, "parse", staticmethod(header_parser_with_a_bug))
+        registry = TaskRegistry(engine, store)
+        report = registry.sync()
     assert report.loaded == ["good"] and list(report.failed) == ["poison"]
     assert "RecursionError" in report.failed["poison"]
-    assert list(registry.failed) == ["poison"] and list(engine.tasks) == ["good"]
+    assert list(registry.failed) == ["poison"] and registry.names() == ["good"]
+    # ... and in the full check at first use
+    monkeypatch.setattr(TaskFile, "from_bytes", staticmethod(parser_with_a_bug))
+    registry = TaskRegistry(engine, store)
+    assert registry.sync().loaded == ["good", "poison"]  # the headers are fine
+    assert registry.load("good").name == "good"
+    with pytest.raises(TaskUnavailableError, match="RecursionError"):
+        registry.load("poison")
+    assert list(registry.failed) == ["poison"] and list(engine.tasks) == ["good"] and registry.names() == ["good"]
 
 
 class _SlowStore(FileSystemStore):
@@ -102,10 +120,10 @@ class _SlowStore(FileSystemStore):
         self.delay_s = delay_s
         self.reads: dict[str, int] = {}
 
-    def get(self, name: str) -> Any:
+    def map(self, name: str, version: str | None = None) -> Any:
         self.reads[name] = self.reads.get(name, 0) + 1
         time.sleep(self.delay_s)
-        return super().get(name)
+        return super().map(name, version)
 
 
 def test_two_requests_for_a_pending_task_read_its_file_once(tmp_path: Path, engine: Engine, resnet18: Backbone) -> None:
@@ -132,18 +150,27 @@ def test_a_pending_task_is_always_pending_or_served_never_neither(
         store.put(name, make_task(resnet18, name, seed=i).to_bytes())
     registry = TaskRegistry(engine, store)
     seen: list[bool] = []
-    add_task = engine.add_task
+    head = store.head
 
-    def add_task_seen_by_a_request(task: TaskFile) -> Any:
-        # what a request (Services.task) sees while the engine takes the task: a 404 if neither
-        seen.append(registry.is_pending(task.name) or task.name in engine.tasks)
-        return add_task(task)
+    def slow_head(name: str, version: str | None = None) -> Any:
+        time.sleep(0.05)
+        return head(name, version)
 
-    monkeypatch.setattr(engine, "add_task", add_task_seen_by_a_request)
-    with ThreadPoolExecutor(2) as pool:
-        registry.start_background(pool)
-    assert sorted(engine.tasks) == ["a", "b", "c"] and registry.loading == 0
-    assert seen == [True, True, True]
+    monkeypatch.setattr(store, "head", slow_head)
+    done = threading.Event()
+
+    def request_side() -> None:  # what a request (Services.task -> load) sees: a 404 if neither
+        while not done.is_set():
+            seen.append(all(registry.is_pending(n) or n in registry for n in "abc"))
+
+    with ThreadPoolExecutor(1) as requests:
+        with ThreadPoolExecutor(2) as pool:
+            registry.start_background(pool)
+            watcher = requests.submit(request_side)
+        done.set()
+        watcher.result()
+    assert registry.names() == ["a", "b", "c"] and registry.loading == 0
+    assert seen and all(seen)
 
 
 def test_a_batch_admitted_before_a_pinned_task_was_replaced_does_not_keep_the_old_weights(

@@ -139,13 +139,13 @@ def test_ready_after_backbone_serves_at_once_and_loads_a_pending_task_on_its_fir
     from tests.server.conftest import AUTH
 
     FileSystemStore(store_of_five).put("t5", b"not a task file")
-    slow_get = FileSystemStore.get
+    slow_head = FileSystemStore.head
 
-    def get(self, name):  # noqa: ANN001, ANN202 - a slow store: 0.5 s a file
+    def head(self, name, version=None):  # noqa: ANN001, ANN202 - a slow store: 0.5 s a header
         time.sleep(0.5)
-        return slow_get(self, name)
+        return slow_head(self, name, version)
 
-    monkeypatch.setattr(FileSystemStore, "get", get)
+    monkeypatch.setattr(FileSystemStore, "head", head)
     with app_client(store=store_of_five, ready_after="backbone", load_threads=1, prefill=False) as client:
         ready = client.get("/readyz").json()
         assert ready["tasks_loading"] >= 3 and ready["tasks"] <= 2  # ready before the store was read through

@@ -189,6 +189,7 @@ class Metrics:
         self.registry.register(_BodyBudgetCollector(budget))
 
     def refresh_tasks(self, engine: Engine) -> None:
-        """The task gauges, after the set of tasks changed."""
-        self.tasks_loaded.set(len(engine.tasks))
-        self.mask_bytes.set(engine.resident_mask_bytes)
+        """The task gauges read ``engine`` at each scrape: tasks are loaded at their first use and
+        let go past ``task_cache_bytes``, not only when the set of tasks changes."""
+        self.tasks_loaded.set_function(lambda: len(engine.tasks))
+        self.mask_bytes.set_function(lambda: engine.resident_mask_bytes)

@@ -196,7 +196,8 @@ class ReplicaApp:
     def serves(self, name: str) -> bool:
         """Whether ``name`` is a task this replica has (loaded, or loading in the background)."""
         services = self.services
-        return services is not None and (name in services.engine.tasks or services.registry.is_pending(name))
+        registry = services.registry if services is not None else None
+        return registry is not None and (name in registry or name in services.engine.tasks or registry.is_pending(name))
 
     async def lease(self, name: str) -> TaskLease:
         """Build ``name``'s weights now (on a worker, between batches) and keep them until the

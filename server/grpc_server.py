@@ -8,9 +8,10 @@ metrics and access log. It runs as a ``grpc.aio`` server in the app's event loop
 stopped by the app's lifespan, so a draining server refuses new calls (``UNAVAILABLE``) and waits
 for those in flight as it does for HTTP requests.
 
-* **RPCs**: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig and
-  ModelInfer. The others (statistics, the model repository, shared memory, streaming, trace and
-  log settings) answer ``UNIMPLEMENTED``.
+* **RPCs**: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig,
+  ModelInfer, and the model repository's RepositoryIndex, RepositoryModelLoad and
+  RepositoryModelUnload (as REST's ``/v2/repository``; load and unload need the management token).
+  The others (statistics, shared memory, streaming, trace and log settings) answer ``UNIMPLEMENTED``.
 * **Tensors**: inputs as ``raw_input_contents`` (what ``tritonclient.grpc`` sends) or as typed
   ``contents`` (``bytes_contents`` for ``image``, ``fp32_contents`` for ``pixels``); outputs always
   as ``raw_output_contents``, as Triton answers.
@@ -52,11 +53,14 @@ from .errors import (
     BadRequestError,
     BodyBudgetError,
     DeviceMemoryError,
+    ManagementDisabledError,
     NotReadyError,
     QueueFullError,
     VersionNotFoundError,
 )
 from .metrics import Metrics
+from .repository import check_load_parameters, task_name
+from .routes.repository import counted
 from .settings import Settings
 from .transport import SANE_ID
 
@@ -112,8 +116,11 @@ Resp = TypeVar("Resp")
 Handler = Callable[["InferenceServicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
+Access = Literal["ops", "model", "management"]
+
+
 def _rpc(
-    access: Literal["ops", "model"],
+    access: Access,
 ) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     """An RPC's frame: the token check, the in-flight count a drain waits for, the per-method
     counter, and the mapping of errors to status codes."""
@@ -205,11 +212,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.metrics: Metrics = state.metrics
         self.auth: Auth = state.auth
 
-    def _authenticate(self, access: Literal["ops", "model"], context: grpc.aio.ServicerContext) -> None:
+    def _authenticate(self, access: Access, context: grpc.aio.ServicerContext) -> None:
         auth = self.auth
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if access == "management":  # as PUT /tasks and REST's repository load and unload
+            if auth.management is not None:
+                check_bearer(header, auth.management)
+            elif not auth.allow_unauthenticated:
+                raise ManagementDisabledError()
+            return
         if auth.classify is None or (access == "ops" and not auth.ops):
             return
-        header = dict(context.invocation_metadata() or ()).get("authorization", "")
         if access == "model":
             check_bearer(header, auth.classify)
         else:
@@ -238,6 +251,47 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> service_pb2.ServerMetadataResponse:
         return service_pb2.ServerMetadataResponse(name=oip.SERVER_NAME, version=__version__, extensions=oip.EXTENSIONS)
+
+    # --- the model repository (as REST's /v2/repository: server/routes/repository.py) ---------------
+
+    @_rpc("ops")
+    async def RepositoryIndex(
+        self, request: service_pb2.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.RepositoryIndexResponse:
+        services = ready_services(self.state)
+        entry = service_pb2.RepositoryIndexResponse.ModelIndex
+        return service_pb2.RepositoryIndexResponse(
+            models=[
+                entry(name=e.name, version=e.version or "", state=e.state, reason=e.reason)
+                for e in services.repository.index(ready_only=request.ready)
+            ]
+        )
+
+    @_rpc("management")
+    async def RepositoryModelLoad(
+        self, request: service_pb2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.RepositoryModelLoadResponse:
+        services = ready_services(self.state)
+        with counted(self.metrics, "load"):
+            task = task_name(request.model_name)
+            check_load_parameters(task, request.parameters.keys())
+            loop = asyncio.get_running_loop()
+            loaded = await loop.run_in_executor(services.management, services.repository.load, task)
+            await loop.run_in_executor(services.management, services.recheck_cache_budget)
+        self.metrics.refresh_tasks(services.engine)
+        log.info("task %r loaded over gRPC (version %s): weights built and pinned", task, loaded.version)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    @_rpc("management")
+    async def RepositoryModelUnload(
+        self, request: service_pb2.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.RepositoryModelUnloadResponse:
+        services = ready_services(self.state)
+        with counted(self.metrics, "unload"):
+            task = task_name(request.model_name)
+            await asyncio.get_running_loop().run_in_executor(services.management, services.repository.unload, task)
+        log.info("task %r unloaded over gRPC: weights unpinned and evicted", task)
+        return service_pb2.RepositoryModelUnloadResponse()
 
     # --- models ------------------------------------------------------------------------------------
 
@@ -310,9 +364,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # the model repository (load and unload go through PUT/DELETE /tasks), statistics, shared
     # memory, streaming, trace and log settings
-    RepositoryIndex = _unimplemented("RepositoryIndex")
-    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
-    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
     ModelStatistics = _unimplemented("ModelStatistics")
     ModelStreamInfer = _unimplemented("ModelStreamInfer")
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")

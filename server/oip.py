@@ -57,7 +57,7 @@ __all__ = [
 
 SERVER_NAME = "piggyback-server"
 # Triton's names for the extensions implemented (binary tensor data: REST's; gRPC is binary anyway)
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
 INPUTS = {"image": "BYTES", "pixels": "FP32"}  # send exactly one; both optional
 OUTPUT = "logits"
 # Triton's names for the metadata's datatypes in a model configuration

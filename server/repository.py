@@ -19,19 +19,45 @@ its management thread, which also serialises them.
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from piggyback_core import Engine, LoadedTask, TaskNotFoundError, validate_task_name
+from piggyback_core import TASK_NAME_PATTERN, Engine, LoadedTask, TaskNotFoundError, validate_task_name
 
-from .errors import TaskNotLoadedError
+from .errors import BadRequestError, TaskNotLoadedError
 from .registry import TaskRegistry
 
-__all__ = ["IndexEntry", "ModelRepository", "ModelState"]
+__all__ = ["IndexEntry", "ModelRepository", "ModelState", "check_load_parameters", "task_name"]
 
 # Triton's model states (those that apply here)
 ModelState = Literal["READY", "LOADING", "UNAVAILABLE"]
+
+
+def task_name(name: str) -> str:
+    """A load's or unload's model name as a task name; a name with a version gets a message naming
+    the task (REST and gRPC)."""
+    base = re.split(r"[/:@]", name, maxsplit=1)[0]
+    if base != name and TASK_NAME_PATTERN.fullmatch(base):
+        raise BadRequestError(
+            f"{name!r}: load and unload take a task name without a version: a task serves one version, the "
+            f"store's (load {base!r}; GET /v2/models/{base} names its version)"
+        )
+    validate_task_name(name)
+    return name
+
+
+def check_load_parameters(task: str, keys: Iterable[str]) -> None:
+    """Load's ``config`` and ``file:...`` parameters (a configuration or files to load instead of the
+    repository's) are refused: the store is the repository."""
+    refused = [k for k in keys if k == "config" or k.startswith("file:")]
+    if refused:
+        raise BadRequestError(
+            f"load parameters {refused} are not supported: the store is the model repository (a task file "
+            f"is added with PUT /tasks/{task})"
+        )
 
 
 @dataclass(frozen=True)
@@ -115,6 +141,7 @@ class ModelRepository:
             return IndexEntry(name, task.version if task else None, "UNAVAILABLE", not_loaded)
         if task is None and self.registry.is_pending(name):  # ready_after=backbone: its header is being checked
             return IndexEntry(name, None, "LOADING", "being checked in the store; a request for it reads it at once")
-        if task is None:  # servable, its file read at its first use
-            return IndexEntry(name, None, "READY", "")
+        if task is None:  # servable, its file read at its first use: its version from its header
+            summary = self.registry.summary(name) or {}
+            return IndexEntry(name, summary.get("version"), "READY", "")
         return IndexEntry(name, task.version, "READY", "")

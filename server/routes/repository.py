@@ -25,20 +25,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Iterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, Field, StrictBool, ValidationError
 
-from piggyback_core import TASK_NAME_PATTERN, PiggybackError, validate_task_name
+from piggyback_core import PiggybackError
 
 from ..deps import ManagementAuth, MetricsDep, ReadAuth, ServicesDep, read_body, status_for
 from ..errors import BadRequestError
 from ..metrics import Metrics
+from ..repository import check_load_parameters, task_name
 
-__all__ = ["router"]
+__all__ = ["counted", "router"]
 
 log = logging.getLogger("piggyback.server")
 
@@ -88,20 +88,8 @@ async def _parse(request: Request, model: type[Body], what: str) -> Body:
 ModelName = Annotated[str, Path(max_length=256, description="the task's name (no version)")]
 
 
-def _task_name(name: str) -> str:
-    """``name`` as a task name; a name with a version gets a message naming the task."""
-    base = re.split(r"[/:@]", name, maxsplit=1)[0]
-    if base != name and TASK_NAME_PATTERN.fullmatch(base):
-        raise BadRequestError(
-            f"{name!r}: load and unload take a task name without a version: a task serves one version, the "
-            f"store's (load {base!r}; GET /v2/models/{base} names its version)"
-        )
-    validate_task_name(name)
-    return name
-
-
 @contextlib.contextmanager
-def _counted(metrics: Metrics, action: str) -> Iterator[None]:
+def counted(metrics: Metrics, action: str) -> Iterator[None]:
     """Count a load or unload in ``piggyback_repository_actions_total`` by its status."""
     try:
         yield
@@ -134,15 +122,10 @@ async def index(request: Request, services: ServicesDep) -> list[ModelIndexPubli
     summary="Load (or reload) a task: fetch it from the store, build and pin its weights",
 )
 async def load(name: ModelName, request: Request, services: ServicesDep, metrics: MetricsDep) -> Response:
-    with _counted(metrics, "load"):
-        task = _task_name(name)
+    with counted(metrics, "load"):
+        task = task_name(name)
         body = await _parse(request, RepositoryModelRequest, "load request")
-        refused = [k for k in body.parameters if k == "config" or k.startswith("file:")]
-        if refused:
-            raise BadRequestError(
-                f"load parameters {refused} are not supported: the store is the model repository (a task file "
-                f"is added with PUT /tasks/{task})"
-            )
+        check_load_parameters(task, body.parameters)
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(services.management, services.repository.load, task)
         await loop.run_in_executor(services.management, services.recheck_cache_budget)
@@ -160,8 +143,8 @@ async def load(name: ModelName, request: Request, services: ServicesDep, metrics
     summary="Unload a task: unpin and evict its built weights (explicit model control: it stops answering)",
 )
 async def unload(name: ModelName, request: Request, services: ServicesDep, metrics: MetricsDep) -> Response:
-    with _counted(metrics, "unload"):
-        task = _task_name(name)
+    with counted(metrics, "unload"):
+        task = task_name(name)
         await _parse(request, RepositoryModelRequest, "unload request")  # unload_dependents: none to unload
         await asyncio.get_running_loop().run_in_executor(services.management, services.repository.unload, task)
     log.info("task %r unloaded: weights unpinned and evicted", task)

@@ -72,9 +72,8 @@ from ..settings import Settings
 
 __all__ = ["EXTENSIONS", "error", "router"]
 
-# Triton's names for the extensions served over REST: the shared ones, and the model repository
-# (server/routes/repository.py; over gRPC its RPCs are not implemented yet)
-EXTENSIONS = [*oip.EXTENSIONS, "model_repository"]
+# Triton's names for the extensions served (over REST and gRPC alike)
+EXTENSIONS = oip.EXTENSIONS
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])

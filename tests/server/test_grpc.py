@@ -33,6 +33,7 @@ from tests.server.conftest import settings_for, small_task
 from tests.server.test_v2 import JPEGS, _pixels
 
 CLASSIFY_TOKEN = "grpc-classify-token"
+MANAGEMENT_TOKEN = "grpc-management-token"
 AUTH = {"authorization": f"Bearer {CLASSIFY_TOKEN}"}  # gRPC metadata keys are lower case
 REST_AUTH = {"Authorization": f"Bearer {CLASSIFY_TOKEN}"}
 
@@ -44,7 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, resnet18) -> Iterator[LiveS
     fs.put("flowers", small_task(resnet18, "flowers", num_labels=5, seed=1).to_bytes())
     fs.put("birds", small_task(resnet18, "birds", num_labels=7, kind="ternary", seed=2).to_bytes())
     # float32: the comparisons below are between batches of different sizes
-    with live_server(store, dtype="float32", max_wait_ms=1, grpc_port=free_port(), classify_token=CLASSIFY_TOKEN) as s:
+    with live_server(store, dtype="float32", max_wait_ms=1, grpc_port=free_port(), classify_token=CLASSIFY_TOKEN,
+                     token=MANAGEMENT_TOKEN) as s:  # fmt: skip
         yield s
 
 
@@ -186,9 +188,34 @@ def test_typed_contents_are_accepted_as_well_as_raw_input_contents(
             stub.ModelInfer(request, metadata=tuple(AUTH.items()), timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "contents and raw_input_contents" in info.value.details()
-        with pytest.raises(grpc.RpcError) as info:  # the repository RPCs are not served over gRPC
-            stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), metadata=tuple(AUTH.items()), timeout=30)
+        with pytest.raises(grpc.RpcError) as info:  # statistics are not served over gRPC
+            stub.ModelStatistics(service_pb2.ModelStatisticsRequest(), metadata=tuple(AUTH.items()), timeout=30)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_model_repository_rpcs_load_unload_and_index_as_rest_does(
+    server: LiveServer, client: tgrpc.InferenceServerClient
+) -> None:
+    management = {"authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+    index = client.get_model_repository_index(headers=AUTH, as_json=True)["models"]
+    rest = httpx.post(f"{server.url}/v2/repository/index", headers=REST_AUTH, timeout=30).json()
+    assert sorted((m["name"], m["state"]) for m in index) == sorted((m["name"], m["state"]) for m in rest)
+    assert {m["name"] for m in index} == {"flowers", "birds"}
+    for headers in ({}, AUTH):  # load is management: the classify token is not enough
+        with pytest.raises(InferenceServerException, match="bearer token") as info:
+            client.load_model("birds", headers=headers)
+        assert _status(info) == "StatusCode.UNAUTHENTICATED"
+    client.load_model("birds", headers=management)
+    assert httpx.get(f"{server.url}/tasks/birds", headers=REST_AUTH, timeout=30).json()["residency"]["pinned"]
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("nope", headers=management)
+    assert _status(info) == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException, match="without a version") as info:
+        client.load_model("birds/1", headers=management)
+    assert _status(info) == "StatusCode.INVALID_ARGUMENT"
+    client.unload_model("birds", headers=management)
+    assert not httpx.get(f"{server.url}/tasks/birds", headers=REST_AUTH, timeout=30).json()["residency"]["pinned"]
+    assert client.is_model_ready("birds", headers=AUTH)  # lazy model control: unloaded tasks still answer
 
 
 def _status(info: pytest.ExceptionInfo[InferenceServerException]) -> str | None:

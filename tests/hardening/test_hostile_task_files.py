@@ -76,9 +76,13 @@ def test_hostile_names_are_refused_before_the_store(setup, cases: Callable) -> N
             continue
         for method in ("PUT", "DELETE", "GET"):
             path = f"/tasks/{quote(name, safe='/%')}"  # sent as a client would: percent-encoded
-            response = client.request(method, path, content=good if method == "PUT" else None, headers=AUTH)
-            # 404 where the path never reaches the route (a slash), 422 for a bad name
-            assert_refused_and_nothing_changed(client, store, before, response, {404, 405, 422}, f"{method} {name!r}")
+            response = client.request(
+                method, path, content=good if method == "PUT" else None, headers=AUTH, follow_redirects=False
+            )
+            # 404 where the path never reaches the route (a slash), 422 for a bad name; a path the
+            # client normalised to "/" ("/tasks/..") is the web console's redirect (GET) or a 405
+            statuses = {404, 405, 422} | ({307} if response.request.url.path == "/" else set())
+            assert_refused_and_nothing_changed(client, store, before, response, statuses, f"{method} {name!r}")
             n += 1
     empty = client.put("/tasks/", content=good, headers=AUTH)
     assert_refused_and_nothing_changed(client, store, before, empty, {404, 405}, "empty name")

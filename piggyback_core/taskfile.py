@@ -100,8 +100,33 @@ class LayerInfo:
         return math.prod(self.shape)
 
 
+class _MaskStats:
+    """What a task file and its header both derive from the layers' records and the mask bytes."""
+
+    layers: dict[str, Any]
+
+    @property
+    def num_masked_weights(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def mask_nbytes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def density(self) -> float:
+        """Fraction of masked weights the mask keeps (non-zero entries)."""
+        total = self.num_masked_weights
+        return sum(i.density * i.numel for i in self.layers.values()) / total if total else 1.0
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Mask bits stored per masked backbone weight (1 for binary, 2 for ternary, plus padding)."""
+        return 8 * self.mask_nbytes / self.num_masked_weights if self.num_masked_weights else 0.0
+
+
 @dataclass(frozen=True)
-class TaskFile:
+class TaskFile(_MaskStats):
     """One task, validated in itself. Build with :meth:`create` or :meth:`from_bytes`."""
 
     name: str
@@ -132,17 +157,6 @@ class TaskFile:
     @property
     def head_nbytes(self) -> int:
         return self.head_weight.nbytes + self.head_bias.nbytes
-
-    @property
-    def density(self) -> float:
-        """Fraction of masked weights the mask keeps (non-zero entries)."""
-        total = self.num_masked_weights
-        return sum(i.density * i.numel for i in self.layers.values()) / total if total else 1.0
-
-    @property
-    def bits_per_parameter(self) -> float:
-        """Mask bits stored per masked backbone weight (1 for binary, 2 for ternary, plus padding)."""
-        return 8 * self.mask_nbytes / self.num_masked_weights if self.num_masked_weights else 0.0
 
     def summary(self) -> dict[str, Any]:
         """The metadata as plain JSON values (what ``inspect --json`` and ``GET /tasks`` show)."""
@@ -326,7 +340,7 @@ class TaskFile:
 
 
 @dataclass(frozen=True)
-class TaskHeader:
+class TaskHeader(_MaskStats):
     """What a task file's header says, checked in itself and against the file's size, without its
     tensor data (:meth:`parse`). Enough to list the task (:meth:`summary`) and to check that it fits
     a backbone (:meth:`check_compatible`); :meth:`TaskFile.from_bytes` then checks the data."""
@@ -449,15 +463,6 @@ class TaskHeader:
     @property
     def head_nbytes(self) -> int:
         return sum(self.tensors[n][3] - self.tensors[n][2] for n in ("head/weight", "head/bias"))
-
-    @property
-    def density(self) -> float:
-        total = self.num_masked_weights
-        return sum(i.density * i.numel for i in self.layers.values()) / total if total else 1.0
-
-    @property
-    def bits_per_parameter(self) -> float:
-        return 8 * self.mask_nbytes / self.num_masked_weights if self.num_masked_weights else 0.0
 
     def summary(self) -> dict[str, Any]:
         """What :meth:`TaskFile.summary` says about the same file."""

@@ -48,7 +48,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from piggyback_core import InvalidTaskNameError, PiggybackError, TaskNotFoundError, __version__
 
 from . import oip
-from .deps import Auth, check_alive_state, check_bearer, ready_services, status_for, track
+from .deps import Auth, check_alive_state, check_bearer, check_ready, ready_services, status_for, track
 from .errors import (
     BadRequestError,
     BodyBudgetError,
@@ -241,7 +241,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_rpc("ops")
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ServerReadyResponse:
         try:
-            ready_services(self.state)
+            check_ready(ready_services(self.state))
         except NotReadyError:
             return service_pb2.ServerReadyResponse(ready=False)
         return service_pb2.ServerReadyResponse(ready=True)

@@ -9,8 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from piggyback_core import dtype_name
 
-from ..deps import MetricsDep, OpsAuth, ServicesDep, check_alive, errors
-from ..errors import NotReadyError
+from ..deps import MetricsDep, OpsAuth, ServicesDep, check_alive, check_ready, errors
 from ..schemas import HealthResponse, ReadyResponse, StoreSyncPublic
 
 __all__ = ["router"]
@@ -26,8 +25,7 @@ async def healthz(request: Request) -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, responses=errors(401, 503), summary="Readiness")
 async def readyz(services: ServicesDep) -> ReadyResponse:
-    if services.device_lost is not None:  # liveness fails too: the process is about to be restarted
-        raise NotReadyError(f"the device is unusable: {services.device_lost}")
+    check_ready(services)
     engine, health = services.engine, services.store_health
     return ReadyResponse(
         status="ready",

@@ -59,6 +59,7 @@ from ..deps import (
     SettingsDep,
     TaskName,
     check_alive,
+    check_ready,
     error_headers,
     is_internal,
     observe,
@@ -159,6 +160,7 @@ async def live(request: Request) -> Live:
     "/health/ready", response_model=Ready, dependencies=[OpsAuth], summary="Readiness", responses=v2_errors(401, 503)
 )
 async def ready(services: ServicesDep) -> Ready:
+    check_ready(services)
     return Ready(ready=True)
 
 

@@ -103,7 +103,7 @@ def test_a_sticky_cuda_error_fails_liveness_so_that_the_process_is_restarted(
     with app_client(store=store) as client:
         monkeypatch.setattr(Batcher, "device_part", lost)
         assert client.post("/classify/a", content=encode("PNG"), headers=PNG).status_code == 500
-        for path in ("/healthz", "/v2/health/live"):
+        for path in ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready"):
             r = client.get(path)
             assert r.status_code == 503 and "device is unusable" in r.text, path
 
@@ -140,7 +140,8 @@ def test_when_one_half_of_a_split_batch_runs_out_of_memory_again_the_other_half_
 
     monkeypatch.setattr(Batcher, "device_part", second_half_never_fits)
     results: list[int] = []
-    with app_client(store=store, max_wait_ms=300) as client:
+    # one worker, as on a GPU (where running out of memory happens): the 4 requests make one batch
+    with app_client(store=store, max_wait_ms=300, workers=1) as client:
         threads = [threading.Thread(target=lambda: results.append(
             client.post("/classify/a", content=encode("PNG"), headers=PNG).status_code)) for _ in range(4)]  # fmt: skip
         for t in threads:

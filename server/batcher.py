@@ -22,13 +22,21 @@ fewer tasks than ``max_batch_size`` are deferred at once; beyond that, oldest fi
 CPU, each with its own intra-op threads: see server.app). While every worker is busy, requests
 accumulate, so the next batch is fuller.
 
+**Spread** (``spread``: a CPU with several workers). The work in sight, requests waiting and being
+decoded, is split over the idle workers: 8 requests and 2 idle workers make two batches of 4 side
+by side, not one batch of 8 that leaves the other worker idle until its clients come back. On one
+core, a batch of 4 costs 1.03x a batch of 8 per image (resnet18, bf16, packed; 1.08x for a batch
+of 1), and the workers go out of phase, so that one computes while the other's clients send their
+next requests. A backlog still makes full batches.
+
 **Cores** (``cores`` > 0: a CPU with several workers and automatic threads). The batches in flight
-share ``cores`` intra-op threads and never hold more: a batch that starts alone and takes every
-waiting request gets all the free cores (one worker with every core, what a few clients need), and
-otherwise (more requests waiting or being decoded) ``cores // workers`` (independent
-single-threaded workers, what a backlog needs); a batch
-that would find too few free cores waits for a running one. Measured on 2 cores (resnet18, one
-task): 1 x 2 beats 2 x 1 by 1.3-1.5x up to 8 clients, 2 x 1 beats 1 x 2 by 1.4-1.5x from 16.
+share ``cores`` intra-op threads and never hold more: a lone image, with nothing else running,
+waiting or being decoded, gets all the free cores (it cannot be split: its latency halves), and
+any other batch ``cores // workers`` (independent single-threaded workers); a batch that would find
+too few free cores waits for a running one. Measured over HTTP with wrk on 2 cores (resnet18, one
+task; docs/performance.md): with spread, and with no dependency run in a thread pool, the server
+beats the rule before (a batch that started alone and took every waiting request got every core)
+by 1.37x at 2 clients, 1.16x at 4, 1.05x at 8 and 1.23x at 16.
 
 **Arrivals.** A request whose body has been read and whose image is being decoded is *expected*
 (:meth:`Batcher.expect`). A batch that is not full waits for expected requests past ``max_wait``,
@@ -100,15 +108,27 @@ class BatchPolicy:
     arrival_wait_s: float = 0.05  # how much longer than max_wait a batch may wait for expected requests
     workers: int = 1  # batches running at once (threads of the executor)
     cores: int = 0  # intra-op threads shared by the batches in flight (0: as the executor set them)
+    spread: bool = False  # split the work in sight over the idle workers (a CPU: see batch_limit)
 
     def threads_for(self, free: int, in_flight: int, waiting: int, expected: int = 0) -> int:
-        """Intra-op threads for the next batch, 0 if it must wait: all the free cores for a batch
-        that starts alone and takes every waiting request while none is being decoded (no more
-        work in sight); else the per-worker share, if free."""
-        if in_flight == 0 and waiting <= self.max_batch_size and expected == 0:
+        """Intra-op threads for the next batch, 0 if it must wait: all the free cores for a lone
+        image with nothing else running, waiting or being decoded (it cannot be split); else the
+        per-worker share, if free."""
+        if in_flight == 0 and waiting + expected <= 1:
             return free
         share = max(1, self.cores // self.workers)
         return share if free >= share else 0
+
+    def batch_limit(self, in_flight: int, waiting: int, expected: int = 0) -> int:
+        """How many requests the next batch takes: ``max_batch_size``, or, with ``spread`` and
+        several idle workers, the work in sight (waiting and being decoded) spread over them, so
+        that the idle workers' batches run side by side instead of one batch taking it all while
+        the other workers wait for the next requests."""
+        idle = self.workers - in_flight
+        work = waiting + expected
+        if not self.spread or idle < 2 or work < 2:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, -(-work // min(idle, work))))
 
 
 @dataclass(frozen=True)
@@ -127,6 +147,8 @@ class _Request:
     enqueued: float
     deadline: float
     future: asyncio.Future[ImageResult] = field(repr=False)
+    # the requests submitted together with this one (itself included), kept in one batch; None alone
+    siblings: list[_Request] | None = field(default=None, repr=False)
 
 
 class Batcher:
@@ -221,10 +243,13 @@ class Batcher:
         now = time.monotonic()
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[ImageResult]] = []
+        siblings: list[_Request] | None = [] if len(items) > 1 else None
         for task, image in items:
             futures.append(loop.create_future())
-            request = _Request(task, image, top_k, now, now + timeout, futures[-1])
+            request = _Request(task, image, top_k, now, now + timeout, futures[-1], siblings)
             self._queues.setdefault(task.name, deque()).append(request)
+            if siblings is not None:
+                siblings.append(request)
         self._pending += len(items)
         self._on_depth(self._pending)
         self._wakeup.set()
@@ -254,13 +279,14 @@ class Batcher:
             return req
         return None
 
-    def _take(self) -> list[_Request]:
-        """Up to max_batch_size live requests, by the affinity policy in the module docstring."""
+    def _take(self, limit: int | None = None) -> list[_Request]:
+        """Up to ``limit`` (max_batch_size) live requests, by the affinity policy in the module
+        docstring."""
         now = time.monotonic()
         for name in [n for n, q in self._queues.items() if not q]:
             del self._queues[name]
         ranked = sorted(self._queues, key=lambda n: (n not in self._deferred, self._queues[n][0].enqueued))
-        room = self.policy.max_batch_size
+        room = self.policy.max_batch_size if limit is None else limit
         groups: dict[str, list[_Request]] = {}
         for name in ranked:  # 2. one place for every deferred task
             if room == 0 or name not in self._deferred:
@@ -275,6 +301,27 @@ class Batcher:
             queue = self._queues[name]
             while room and (req := self._pop_live(queue, now)) is not None:
                 groups.setdefault(name, []).append(req)
+                room -= 1
+        # requests submitted together stay together (a spread limit never splits them; the batch's
+        # size bound does)
+        taken = {id(r) for group in groups.values() for r in group}
+        room = self.policy.max_batch_size - len(taken)
+        for req in [r for group in list(groups.values()) for r in group]:
+            for sibling in req.siblings or ():
+                if room == 0:
+                    break
+                queue = self._queues.get(sibling.task.name)
+                if id(sibling) in taken or queue is None or sibling not in queue:
+                    continue
+                queue.remove(sibling)
+                self._pending -= 1
+                taken.add(id(sibling))
+                if sibling.future.done():
+                    continue
+                if sibling.deadline <= now:
+                    sibling.future.set_exception(DeadlineExceededError(timeout_s=self.policy.timeout_s))
+                    continue
+                groups.setdefault(sibling.task.name, []).append(sibling)
                 room -= 1
         # 4. passed over: first in the next batch
         self._deferred = {n for n in ranked if n not in groups and self._queues[n]}
@@ -292,8 +339,9 @@ class Batcher:
                     break
                 await self._wakeup.wait()
                 continue
+            limit = self.policy.batch_limit(self._in_flight, self._pending, self._expected)
             oldest = self._oldest()
-            if oldest is not None and self._accepting and self._pending < self.policy.max_batch_size:
+            if oldest is not None and self._accepting and self._pending < limit:
                 close_at = oldest + self.policy.max_wait_s
                 if self._expected > 0:
                     close_at += self.policy.arrival_wait_s
@@ -311,7 +359,7 @@ class Batcher:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-            batch = self._take()
+            batch = self._take(limit)
             if batch:
                 self._in_flight += 1
                 self._threads_in_use += threads

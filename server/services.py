@@ -271,7 +271,7 @@ def build_services(
             metrics.queue_seconds.observe(wait)
 
     # Automatic threads on a CPU with several workers: the batches in flight share the cores (a
-    # lone batch gets them all, a backlog runs single-threaded batches side by side; batcher.py).
+    # lone image gets them all, other batches run single-threaded side by side; batcher.py).
     # Threads set by the operator stay fixed per worker.
     shared = device == "cpu" and settings.worker_threads is None and workers > 1
     policy = BatchPolicy(
@@ -281,6 +281,7 @@ def build_services(
         queue_size=settings.queue_size,
         timeout_s=settings.request_timeout_s,
         cores=workers * torch.get_num_threads() if shared else 0,  # this runs on a worker: its threads
+        spread=device == "cpu" and workers > 1,
     )
     batcher = Batcher(
         engine,

@@ -167,20 +167,53 @@ def test_a_batch_is_made_of_whole_task_groups_not_round_robin(resnet18: Backbone
     assert second == ["c"] + ["b"] * 4  # c, deferred by the first batch, goes first
 
 
-def test_the_core_budget_gives_a_lone_batch_every_core_and_a_backlog_single_threaded_batches() -> None:
+def test_requests_submitted_together_stay_in_one_batch_whatever_the_spread_limit(resnet18: Backbone) -> None:
+    engine = _engine(resnet18, "a", "b", "c")
+    loop = asyncio.new_event_loop()
+    batcher = Batcher(engine, BatchPolicy(max_batch_size=8, queue_size=100, workers=2, spread=True))
+    alone = _Request(engine.get_task("a"), torch.empty(0), 0, 0.0, float("inf"), loop.create_future())
+    together: list[_Request] = []
+    for t, name in enumerate(["c", "a", "b"]):  # one image for three tasks: POST /classify?tasks=c,a,b
+        together.append(
+            _Request(engine.get_task(name), torch.empty(0), 0, 1.0 + t, float("inf"), loop.create_future(), together)
+        )
+    for req in [alone, *together]:
+        batcher._queues.setdefault(req.task.name, deque()).append(req)
+        batcher._pending += 1
+    first = batcher._take(limit=2)  # the spread limit for 4 requests and 2 idle workers
+    second = batcher._take(limit=2)
+    loop.close()
+    assert first[:2] == [alone, together[1]] and set(map(id, first)) == {id(alone), *map(id, together)}
+    assert second == [] and batcher._pending == 0
+
+
+def test_the_core_budget_gives_a_lone_image_every_core_and_anything_more_single_threaded_batches() -> None:
     policy = BatchPolicy(max_batch_size=8, workers=2, cores=2)
-    assert policy.threads_for(free=2, in_flight=0, waiting=8) == 2  # alone and takes everything
-    assert policy.threads_for(free=2, in_flight=0, waiting=9) == 1  # a backlog: one core each
-    assert policy.threads_for(free=2, in_flight=0, waiting=4, expected=3) == 1  # more on the way
-    assert policy.threads_for(free=1, in_flight=1, waiting=3) == 1
+    assert policy.threads_for(free=2, in_flight=0, waiting=1) == 2  # alone, nothing else in sight
+    assert policy.threads_for(free=2, in_flight=0, waiting=1, expected=1) == 1  # another on the way
+    assert policy.threads_for(free=2, in_flight=0, waiting=8) == 1  # split over the idle workers
+    assert policy.threads_for(free=1, in_flight=1, waiting=1) == 1
     assert policy.threads_for(free=0, in_flight=1, waiting=20) == 0  # wait for a running batch
     assert BatchPolicy(max_batch_size=8, workers=4, cores=16).threads_for(free=8, in_flight=2, waiting=40) == 4
+
+
+def test_the_work_in_sight_is_spread_over_the_idle_workers() -> None:
+    policy = BatchPolicy(max_batch_size=8, workers=2, cores=2, spread=True)
+    assert policy.batch_limit(in_flight=0, waiting=8) == 4  # two batches of 4 side by side
+    assert policy.batch_limit(in_flight=0, waiting=3, expected=4) == 4  # being decoded counts too
+    assert policy.batch_limit(in_flight=0, waiting=40) == 8  # a backlog: full batches
+    assert policy.batch_limit(in_flight=0, waiting=1) == 8  # one image: nothing to split
+    assert policy.batch_limit(in_flight=1, waiting=8) == 8  # one idle worker takes what fits
+    assert BatchPolicy(max_batch_size=8, workers=4, spread=True).batch_limit(in_flight=1, waiting=7) == 3
+    # without spread (a GPU: one worker, batches as large as they come) batches are never split
+    assert BatchPolicy(max_batch_size=8, workers=2).batch_limit(in_flight=0, waiting=8) == 8
 
 
 def test_batches_in_flight_never_hold_more_threads_than_the_cores(resnet18: Backbone) -> None:
     engine = _engine(resnet18, "a")
     image = torch.randn(3, 32, 32)
     seen: list[tuple[int, int]] = []  # (threads of this batch, threads held by all batches in flight)
+    sizes: list[int] = []
     held = [0]
     lock = threading.Lock()
     run_mixed = engine.run_mixed_host
@@ -190,6 +223,7 @@ def test_batches_in_flight_never_hold_more_threads_than_the_cores(resnet18: Back
         with lock:
             held[0] += threads
             seen.append((threads, held[0]))
+            sizes.append(len(tasks))
         time.sleep(0.05)  # long enough for batches to overlap
         try:
             return run_mixed(images, tasks)
@@ -200,14 +234,17 @@ def test_batches_in_flight_never_hold_more_threads_than_the_cores(resnet18: Back
     engine.run_mixed_host = recording  # type: ignore[method-assign]
 
     async def scenario(requests: int) -> None:
-        policy = BatchPolicy(max_batch_size=4, max_wait_s=0.001, queue_size=256, workers=2, cores=2)
+        policy = BatchPolicy(max_batch_size=4, max_wait_s=0.001, queue_size=256, workers=2, cores=2, spread=True)
         batcher = Batcher(engine, policy)
         await batcher.start()
         await asyncio.gather(*(batcher.submit(engine.get_task("a"), image) for _ in range(requests)))
         await batcher.stop()
 
-    asyncio.run(scenario(3))  # a lone batch: every core
+    asyncio.run(scenario(1))  # a lone image: every core
     assert seen == [(2, 2)]
+    seen.clear()
+    asyncio.run(scenario(3))  # split over the two idle workers, one core each, side by side
+    assert sorted(sizes[1:]) == [1, 2] and sorted(seen) == [(1, 1), (1, 2)]
     seen.clear()
     asyncio.run(scenario(40))  # a backlog: single-threaded batches side by side, never over budget
     assert max(held for _, held in seen) <= 2

@@ -326,8 +326,9 @@ def test_a_full_queue_is_resource_exhausted_and_a_drain_finishes_grpc_calls_in_f
     and the process exits 0."""
     FileSystemStore(tmp_path / "store").put("flowers", small_task(resnet18, "flowers", seed=1).to_bytes())
     port = free_port()
+    # one worker: with idle workers to spread the work over, a CPU would run the 2 images at once
     settings = {"grpc_port": port, "queue_size": 2, "max_images_per_request": 2, "max_tasks_per_request": 2,
-                "max_batch_size": 8, "max_wait_ms": 5000}  # fmt: skip
+                "max_batch_size": 8, "max_wait_ms": 5000, "workers": 1}  # fmt: skip
     with live_server(tmp_path / "store", **settings) as live:
         c = tgrpc.InferenceServerClient(url=f"127.0.0.1:{port}")
         answers: list[np.ndarray] = []

@@ -117,6 +117,8 @@ def test_several_workers_answer_a_burst_of_mixed_tasks_correctly(
 
     with app_client(store=store_of_five, workers=workers, worker_threads=1, dtype="float32") as client:
         assert client.get("/readyz").json()["workers"] == workers
+        # on a CPU, the work in sight is spread over the idle workers (server/batcher.py)
+        assert client.app.state.services.batcher.policy.spread == (workers > 1)  # type: ignore[attr-defined]
         expected = {f"t{i}": client.post(f"/classify/t{i}", content=encode("JPEG"),
                                          headers={"Content-Type": "image/jpeg"}).json()["predictions"]
                     for i in range(5)}  # fmt: skip

@@ -2,14 +2,18 @@
 against a real ``piggyback serve``, next to the plain fp32 eager decode+forward loop in one run.
 
     python -m benchmarks.http [--arch resnet18] [--duration 15] [--tasks 1,512] [--clients 8,16]
+                              [--server-args "--workers 1" ...] [--name http-workers]
 
 For each task count and traffic (1 task; 512 tasks drawn uniformly or by Zipf, s = 1.0, from a
 fixed sequence), ``wrk`` keeps ``clients`` connections busy POSTing 500x375 JPEGs to
 ``/classify/{task}`` for ``duration`` seconds after a warm-up of the same length (the weight cache
 and the batcher settled). The plain loop is the baseline the targets use: decode + preprocess +
 torchvision forward in fp32 NCHW, batches of 8, one Python thread, every core. wrk's own CPU time is
-reported, so that the figure is known to be the server's. Needs ``wrk`` on the PATH (``apt-get
-install wrk``) and the ``bench`` extra (the photos). Writes ``benchmarks/results/http.{md,json}``.
+reported, so that the figure is known to be the server's. Each ``--server-args`` (repeatable; ""
+is the defaults) starts its own server over the same store, and the table has a row per server for
+each cell. Needs ``wrk`` on the PATH (``apt-get install wrk``) and the ``bench`` extra (the
+photos). Writes ``benchmarks/results/{name}.{md,json}`` (``http``, ``http-cache`` with
+``--cache-bytes``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import random
 import re
 import resource
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -94,7 +99,12 @@ def _cache_counters() -> dict[str, float]:
 
 
 def bench(
-    arch: str, task_counts: list[int], clients: list[int], duration: float, cache_bytes: str | None = None
+    arch: str,
+    task_counts: list[int],
+    clients: list[int],
+    duration: float,
+    cache_bytes: str | None = None,
+    server_args: list[str] | None = None,
 ) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks.http: wrk not found (apt-get install wrk)")
@@ -117,36 +127,50 @@ def bench(
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)  # and handed back to the system (glibc)
     env = {**os.environ, "PIGGYBACK_TOKEN": secrets.token_hex(16)}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--backbone", arch, "--weights", "random",
-           "--store", str(work / "store"), "--port", str(PORT), "--log-level", "warning"]  # fmt: skip
-    if cache_bytes is not None:
-        cmd += ["--cache-bytes", cache_bytes]
     rows = []
-    proc, handle, _ = start_server(cmd, f"http://127.0.0.1:{PORT}", env, work / "server.log")
     try:
-        for count in task_counts:
-            names = all_names[:count]
-            for traffic in ["one"] if count == 1 else ["zipf", "uniform"]:
-                script = work / f"{count}-{traffic}.lua"
-                photo_list = ", ".join(f'"{p}"' for p in photos)
-                path_list = ", ".join(f'"{p}"' for p in _paths(names, traffic))
-                script.write_text(_LUA.format(photos=photo_list, paths=path_list))
-                for c in clients:
-                    _wrk(script, c, duration)  # warm-up: caches, batcher
-                    before = _cache_counters()
-                    rate, wrk_cpu = _wrk(script, c, duration)
-                    after = _cache_counters()
-                    lookups = after["hits"] + after["misses"] - before["hits"] - before["misses"]
-                    row = {"tasks": count, "traffic": traffic, "clients": c, "img_s": rate, "wrk_cpu": wrk_cpu,
-                           "hit_rate": (after["hits"] - before["hits"]) / lookups if lookups else float("nan"),
-                           "cache_budget_gib": after["budget_bytes"] / 2**30,
-                           "cache_held_gib": after["bytes"] / 2**30}  # fmt: skip
-                    rows.append(row)
-                    print(row, flush=True)
+        for extra in server_args or [""]:
+            cmd = [sys.executable, "-m", "server.cli", "serve", "--backbone", arch, "--weights", "random",
+                   "--store", str(work / "store"), "--port", str(PORT), "--log-level", "warning"]  # fmt: skip
+            if cache_bytes is not None:
+                cmd += ["--cache-bytes", cache_bytes]
+            cmd += shlex.split(extra)
+            proc, handle, _ = start_server(cmd, f"http://127.0.0.1:{PORT}", env, work / "server.log")
+            try:
+                rows += _cells(work, photos, all_names, task_counts, clients, duration, extra or "defaults")
+            finally:
+                stop_server(proc, handle)
     finally:
-        stop_server(proc, handle)
         shutil.rmtree(work, ignore_errors=True)
     return {"arch": arch, "plain_fp32": plain, "rows": rows}
+
+
+def _cells(
+    work: Path, photos: list[Path], names: list[str], task_counts: list[int], clients: list[int], duration: float,
+    server: str,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every (tasks, traffic, clients) cell against the running server."""
+    rows = []
+    for count in task_counts:
+        for traffic in ["one"] if count == 1 else ["zipf", "uniform"]:
+            script = work / f"{count}-{traffic}.lua"
+            photo_list = ", ".join(f'"{p}"' for p in photos)
+            path_list = ", ".join(f'"{p}"' for p in _paths(names[:count], traffic))
+            script.write_text(_LUA.format(photos=photo_list, paths=path_list))
+            for c in clients:
+                _wrk(script, c, duration)  # warm-up: caches, batcher
+                before = _cache_counters()
+                rate, wrk_cpu = _wrk(script, c, duration)
+                after = _cache_counters()
+                lookups = after["hits"] + after["misses"] - before["hits"] - before["misses"]
+                row = {"server": server, "tasks": count, "traffic": traffic, "clients": c, "img_s": rate,
+                       "wrk_cpu": wrk_cpu,
+                       "hit_rate": (after["hits"] - before["hits"]) / lookups if lookups else float("nan"),
+                       "cache_budget_gib": after["budget_bytes"] / 2**30,
+                       "cache_held_gib": after["bytes"] / 2**30}  # fmt: skip
+                rows.append(row)
+                print(row, flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,22 +180,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="1,512")
     parser.add_argument("--clients", default="8,16")
     parser.add_argument("--cache-bytes", default=None, help="the server's weight cache budget (default: its auto)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--server-args",
+        action="append",
+        default=None,
+        help='extra `piggyback serve` arguments, one server each (repeatable; "" for the defaults)',
+    )
+    parser.add_argument("--name", default=None, help="the results' file name (default: http, or http-cache)")
+    args = parser.parse_args(argv)  # fmt: skip
     r = bench(args.arch, [int(t) for t in args.tasks.split(",")], [int(c) for c in args.clients.split(",")],
-              args.duration, args.cache_bytes)  # fmt: skip
-    one = {row["clients"]: row["img_s"] for row in r["rows"] if row["tasks"] == 1}
+              args.duration, args.cache_bytes, args.server_args)  # fmt: skip
+    one = {(row["server"], row["clients"]): row["img_s"] for row in r["rows"] if row["tasks"] == 1}
     budget = "server defaults" if args.cache_bytes is None else f"--cache-bytes {args.cache_bytes}"
     lines = [f"# HTTP with wrk ({r['arch']}, {budget}; {machine()})", "",
              f"Plain fp32 eager decode+forward loop (batches of 8): {r['plain_fp32']:.1f} img/s.", "",
-             "| tasks | traffic | clients | img/s | / plain fp32 loop | / one task, same clients "
+             "| server | tasks | traffic | clients | img/s | / plain fp32 loop | / one task, same clients "
              "| weight cache hit rate | cache budget (GiB) | wrk CPU (cores) |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["rows"]:
-        vs_one = row["img_s"] / one[row["clients"]] if row["clients"] in one else float("nan")
-        lines.append(f"| {row['tasks']} | {row['traffic']} | {row['clients']} | {row['img_s']:.1f} | "
-                     f"{row['img_s'] / r['plain_fp32']:.2f} | {vs_one:.2f} | {row['hit_rate']:.2f} | "
-                     f"{row['cache_budget_gib']:.1f} | {row['wrk_cpu']:.2f} |")  # fmt: skip
-    write_results("http" if args.cache_bytes is None else "http-cache", lines, r)
+        base = one.get((row["server"], row["clients"]))
+        vs_one = row["img_s"] / base if base else float("nan")
+        lines.append(f"| {row['server']} | {row['tasks']} | {row['traffic']} | {row['clients']} | "
+                     f"{row['img_s']:.1f} | {row['img_s'] / r['plain_fp32']:.2f} | {vs_one:.2f} | "
+                     f"{row['hit_rate']:.2f} | {row['cache_budget_gib']:.1f} | {row['wrk_cpu']:.2f} |")  # fmt: skip
+    write_results(args.name or ("http" if args.cache_bytes is None else "http-cache"), lines, r)
     return 0
 
 

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-fuzz bench bench-compute bench-scale bench-accuracy gpu-check lint clean
+.PHONY: install demo test test-slow test-fuzz bench bench-compute bench-scale bench-accuracy gpu-check cpu-check lint clean
 
 # What serving needs (the demo); the dev stamp adds the test toolchain on top of it.
 $(RUNTIME): pyproject.toml
@@ -60,6 +60,10 @@ bench-accuracy: $(STAMP)
 
 gpu-check: $(STAMP)  # on a GPU machine: tests/cuda, then benchmarks/results/gpu.md (at most 8 minutes on an H100/H200)
 	PY=$(BIN)/python bash scripts/gpu_check.sh
+
+cpu-check: $(STAMP)  # the CPU targets (packed vs OpenVINO, mixed cost, HTTP with wrk), met or not (~15 min; CPUS=0,1 to pin)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	PY=$(BIN)/python bash scripts/cpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -47,7 +47,15 @@ from typing import Any
 import torch
 import torchvision
 
-from piggyback_core import Backbone, Engine, FileSystemStore, TaskFile, get_backbone_spec, load_backbone
+from piggyback_core import (
+    Backbone,
+    Engine,
+    FileSystemStore,
+    TaskFile,
+    cpu_bf16_isa,
+    get_backbone_spec,
+    load_backbone,
+)
 from piggyback_core.bitpack import unpack_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,7 +465,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
+    return (f"{cpu} ({cpu_bf16_isa()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads{gpu}")  # fmt: skip
 
 
 def write_results(name: str, lines: list[str], record: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "auto_workers",
     "available_memory_bytes",
     "cgroup_cpu_limit",
+    "cpu_bf16_isa",
     "dtype_name",
     "native_bf16",
     "parse_dtype",
@@ -38,27 +39,36 @@ LAYOUTS = ("auto", "channels_last", "contiguous")
 _CGROUP_ROOT = Path("/sys/fs/cgroup")  # the container's own cgroup, in a cgroup namespace
 
 
-@functools.cache
 def native_bf16() -> bool:
-    """Whether this machine's CPU executes bfloat16 arithmetic natively."""
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+    """Whether this machine's CPU executes bfloat16 arithmetic natively (AMX or AVX-512-BF16)."""
+    return cpu_bf16_isa() != "no native bf16"
+
+
+@functools.cache
+def cpu_bf16_isa() -> str:
+    """The CPU's bfloat16 matrix instructions, as benchmarks record them beside their figures:
+    ``"AMX"`` (Xeon Sapphire Rapids and later), ``"AVX-512-BF16"`` (e.g. AMD Zen 4), or
+    ``"no native bf16"``."""
+    found = set()
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX-512-BF16", "_is_avx512_bf16_supported")):
         fn = getattr(torch.cpu, probe, None)
-        if fn is not None:
-            try:
-                if fn():
-                    return True
-            except RuntimeError:
-                pass
-    try:
-        flags = {
-            flag
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-            for flag in line.partition(":")[2].split()
-        }
-    except OSError:
-        return False
-    return bool(flags & _CPU_BF16_FLAGS)
+        try:
+            if fn is not None and fn():
+                found.add(name)
+        except RuntimeError:
+            pass
+    if not found:
+        try:
+            flags = {
+                flag
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+                for flag in line.partition(":")[2].split()
+            }
+        except OSError:
+            flags = set()
+        found = {name for name, flag in (("AMX", "amx_bf16"), ("AVX-512-BF16", "avx512_bf16")) if flag in flags}
+    return "AMX" if "AMX" in found else "AVX-512-BF16" if found else "no native bf16"
 
 
 def auto_dtype(device: torch.device | str) -> torch.dtype:
@@ -171,7 +181,7 @@ def auto_workers(device: torch.device | str, workers: int | None = None, threads
     among them: independent single-threaded workers beat one worker whose every operation is
     split across the cores at the small batches of mixed traffic (2 cores: 2 x 1 against 1 x 2,
     resnet18 bf16: 1.4-1.6x; fp32 1.1-1.3x). When ``threads`` is not given, the server's batcher
-    lends a lone batch every core (server/batcher.py, ``BatchPolicy.cores``)."""
+    lends a lone image every core (server/batcher.py, ``BatchPolicy.cores``)."""
     cores = physical_cores()
     if torch.device(device).type == "cuda":
         return workers or 1, threads or cores

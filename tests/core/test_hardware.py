@@ -9,6 +9,7 @@ from piggyback_core import (
     auto_dtype,
     available_memory_bytes,
     cgroup_cpu_limit,
+    cpu_bf16_isa,
     hardware,
     native_bf16,
     parse_dtype,
@@ -25,20 +26,32 @@ def test_auto_is_bf16_exactly_on_cpus_that_execute_it_natively(monkeypatch: pyte
 
 
 def test_cpu_flags_decide_when_torch_has_no_probe(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    native_bf16.cache_clear()
+    cpu_bf16_isa.cache_clear()
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.delattr(torch.cpu, probe, raising=False)
     cpuinfo = tmp_path / "cpuinfo"
     real_path = hardware.Path
     monkeypatch.setattr(hardware, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
     try:
-        cpuinfo.write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")
-        assert native_bf16() is False
-        native_bf16.cache_clear()
-        cpuinfo.write_text("processor : 0\nflags : fpu avx512f avx512_bf16\n")
-        assert native_bf16() is True
+        for flags, isa in [
+            ("fpu sse avx2 avx512f", "no native bf16"),
+            ("fpu avx512f avx512_bf16", "AVX-512-BF16"),  # an AMD EPYC (Zen 4)
+            ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "AMX"),  # a Xeon (Sapphire Rapids)
+        ]:
+            cpu_bf16_isa.cache_clear()
+            cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+            assert (cpu_bf16_isa(), native_bf16()) == (isa, isa != "no native bf16")
     finally:
-        native_bf16.cache_clear()
+        cpu_bf16_isa.cache_clear()
+
+
+def test_torch_probes_decide_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_bf16_isa.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    try:
+        assert cpu_bf16_isa() == "AMX" and native_bf16()
+    finally:
+        cpu_bf16_isa.cache_clear()
 
 
 def test_explicit_dtypes_and_a_bad_name() -> None:

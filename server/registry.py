@@ -127,6 +127,9 @@ class TaskRegistry:
         self._claim_lock = threading.Lock()
         self._lru_lock = threading.Lock()
         self._known: dict[str, str] = {}  # store version of every servable task (its header checked)
+        # the version inside each known task's file, from its header: the repository index lists
+        # 10,000 tasks without reading 10,000 headers (set with _known; read only for names in it)
+        self._file_versions: dict[str, str] = {}
         # tasks the registry put in the engine, least recently used first: (store version, bytes)
         self._loaded: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self.failed: dict[str, str] = {}  # tasks in the store that cannot be served: the version
@@ -215,7 +218,12 @@ class TaskRegistry:
         self._reasons[name] = str(error)
         log.error("task %r in the store cannot be served: %s", name, error)
 
-    def _known_outcome(self, name: str, outcome: str | PiggybackError, listed: str) -> bool:
+    def file_version(self, name: str) -> str | None:
+        """The version inside servable task ``name``'s file, as its last check read it from its
+        header or file (no store access); None for a task that is not servable."""
+        return self._file_versions.get(name) if name in self._known else None
+
+    def _known_outcome(self, name: str, outcome: TaskHeader | PiggybackError, listed: str) -> bool:
         """Under the lock: apply a header check of ``name`` (listed as ``listed``); True when it
         is servable."""
         if isinstance(outcome, TaskNotFoundError):
@@ -226,6 +234,7 @@ class TaskRegistry:
             self._fail(name, listed, outcome)
             return False
         self._known[name] = listed
+        self._file_versions[name] = outcome.version
         self.failed.pop(name, None)
         self._reasons.pop(name, None)
         return True
@@ -248,7 +257,7 @@ class TaskRegistry:
                 return  # another thread checks it
             entry.claimed = True
         try:
-            outcome = _guarded("header", name, lambda: self._check_header(name, entry.version)[1])
+            outcome = _guarded("header", name, lambda: self._check_header(name, entry.version)[0])
             with self._lock:
                 if self._pending.get(name) is entry:  # else a registration or deletion came first, and wins
                     try:
@@ -348,9 +357,9 @@ class TaskRegistry:
             outcome = _guarded("header", name, lambda: self._check_header(name, None))
             if isinstance(outcome, PiggybackError):
                 raise outcome
-            version = outcome[1]
+            header, version = outcome
             if self._known.get(name) != version:
-                self._known_outcome(name, version, version)
+                self._known_outcome(name, header, version)
                 self._reload_if_loaded(name, version)
         return self.load(name)
 
@@ -367,6 +376,7 @@ class TaskRegistry:
         loaded = self.engine.add_task(task)
         self.loads += 1
         self._known[name] = version
+        self._file_versions[name] = task.version
         self.failed.pop(name, None)
         self._reasons.pop(name, None)
         with self._lru_lock:
@@ -434,8 +444,8 @@ class TaskRegistry:
                 if self.failed.get(n) != snapshot[n] and n not in self._pending  # its checker applies it
             ]
 
-            def check(name: str) -> str | PiggybackError:
-                return _guarded("header", name, lambda: self._check_header(name, snapshot[name])[1])
+            def check(name: str) -> TaskHeader | PiggybackError:
+                return _guarded("header", name, lambda: self._check_header(name, snapshot[name])[0])
 
             read = pool.map(check, todo) if pool is not None and len(todo) > 1 else map(check, todo)
             known, failed = [], {}
@@ -448,6 +458,7 @@ class TaskRegistry:
             removed = [] if held else changes.removed
             for name in removed:
                 self._known.pop(name, None)
+                self._file_versions.pop(name, None)
                 self.failed.pop(name, None)
                 self._reasons.pop(name, None)
                 self._unload(name)
@@ -518,6 +529,7 @@ class TaskRegistry:
                 if not known and not was_pending:
                     raise
             self._known.pop(name, None)
+            self._file_versions.pop(name, None)
             self.failed.pop(name, None)
             self._reasons.pop(name, None)
             self._unload(name)

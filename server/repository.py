@@ -142,6 +142,5 @@ class ModelRepository:
         if task is None and self.registry.is_pending(name):  # ready_after=backbone: its header is being checked
             return IndexEntry(name, None, "LOADING", "being checked in the store; a request for it reads it at once")
         if task is None:  # servable, its file read at its first use: its version from its header
-            summary = self.registry.summary(name) or {}
-            return IndexEntry(name, summary.get("version"), "READY", "")
+            return IndexEntry(name, self.registry.file_version(name), "READY", "")
         return IndexEntry(name, task.version, "READY", "")

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from piggyback_core import Backbone, Engine, FileSystemStore
+from piggyback_core import Backbone, Engine, FileSystemStore, TaskFile
 from server.settings import Settings
 from tests.conftest import encode
 from tests.live import LiveServer, live_server
@@ -247,6 +247,29 @@ def test_a_deleted_task_registered_again_must_be_loaded_again(app_client: AppFac
         assert _in_process_classify(client, "owls") == 404
         index = client.post("/v2/repository/index").json()
         assert [(e["name"], e["state"]) for e in index] == [("owls", "UNAVAILABLE")]
+
+
+def test_the_index_gives_unloaded_tasks_their_file_versions_without_reading_the_store(
+    app_client: AppFactory, resnet18: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileSystemStore(tmp_path / "versions")
+    versions = {}
+    for i, name in enumerate(TASKS):
+        data = small_task(resnet18, name, seed=i).to_bytes()
+        store.put(name, data)
+        versions[name] = TaskFile.from_bytes(data).version  # a hash of the metadata, set on read
+    with app_client(store=tmp_path / "versions") as client:
+        reads: list[str] = []
+        head, get = FileSystemStore.head, FileSystemStore.map
+        monkeypatch.setattr(FileSystemStore, "head", lambda self, n, v=None: reads.append(n) or head(self, n, v))
+        monkeypatch.setattr(FileSystemStore, "map", lambda self, n, v=None: reads.append(n) or get(self, n, v))
+        index = client.post("/v2/repository/index").json()
+        assert len(set(versions.values())) == 3
+        assert {e["name"]: (e["version"], e["state"]) for e in index} == {n: (v, "READY") for n, v in versions.items()}
+        assert reads == []  # from what the start-up check kept, not 3 headers read again
+        assert _in_process_classify(client, "cars") == 200  # loaded: the same version from the engine
+        index = client.post("/v2/repository/index").json()
+        assert {e["name"]: e["version"] for e in index} == versions
 
 
 def test_the_index_needs_the_classify_token_where_task_reads_do(app_client: AppFactory) -> None:

@@ -9,7 +9,7 @@ import hmac
 import logging
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -80,6 +80,7 @@ __all__ = [
     "read_body",
     "ready_services",
     "services_of",
+    "counted",
     "check_ready",
     "status_for",
     "track",
@@ -365,6 +366,17 @@ async def track(
             metrics.request_seconds.labels(record.label).observe(elapsed)
         access_line(route, task=task, status=record.status, latency_ms=round(elapsed * 1000, 1),
                     batch_size=record.batch_size, **fields, request_id=request_id)  # fmt: skip
+
+
+@contextlib.contextmanager
+def counted(metrics: Metrics, action: str) -> Iterator[None]:
+    """Count a load or unload in ``piggyback_repository_actions_total`` by its status."""
+    try:
+        yield
+    except PiggybackError as exc:
+        metrics.repository_actions.labels(action, str(status_for(exc))).inc()
+        raise
+    metrics.repository_actions.labels(action, "200").inc()
 
 
 def _access_line(request: Request, route: str, *, task: str, **fields: Any) -> None:

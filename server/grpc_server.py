@@ -48,7 +48,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from piggyback_core import InvalidTaskNameError, PiggybackError, TaskNotFoundError, __version__
 
 from . import oip
-from .deps import Auth, check_alive_state, check_bearer, check_ready, ready_services, status_for, track
+from .deps import Auth, check_alive_state, check_bearer, check_ready, counted, ready_services, status_for, track
 from .errors import (
     BadRequestError,
     BodyBudgetError,
@@ -60,7 +60,6 @@ from .errors import (
 )
 from .metrics import Metrics
 from .repository import check_load_parameters, task_name
-from .routes.repository import counted
 from .settings import Settings
 from .transport import SANE_ID
 

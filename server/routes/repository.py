@@ -23,22 +23,17 @@ Spec: triton-inference-server/server ``docs/protocol/extension_model_repository.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, Field, StrictBool, ValidationError
 
-from piggyback_core import PiggybackError
-
-from ..deps import ManagementAuth, MetricsDep, ReadAuth, ServicesDep, read_body, status_for
+from ..deps import ManagementAuth, MetricsDep, ReadAuth, ServicesDep, counted, read_body
 from ..errors import BadRequestError
-from ..metrics import Metrics
 from ..repository import check_load_parameters, task_name
 
-__all__ = ["counted", "router"]
+__all__ = ["router"]
 
 log = logging.getLogger("piggyback.server")
 
@@ -86,17 +81,6 @@ async def _parse(request: Request, model: type[Body], what: str) -> Body:
 
 
 ModelName = Annotated[str, Path(max_length=256, description="the task's name (no version)")]
-
-
-@contextlib.contextmanager
-def counted(metrics: Metrics, action: str) -> Iterator[None]:
-    """Count a load or unload in ``piggyback_repository_actions_total`` by its status."""
-    try:
-        yield
-    except PiggybackError as exc:
-        metrics.repository_actions.labels(action, str(status_for(exc))).inc()
-        raise
-    metrics.repository_actions.labels(action, "200").inc()
 
 
 @router.post(

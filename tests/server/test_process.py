@@ -180,7 +180,14 @@ def test_sigterm_drains_admitted_requests_refuses_new_ones_and_exits_zero(store:
         ]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while True:  # every request of the burst answered or admitted (its body held) before SIGTERM
+            metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+            held = float(re.search(r"^piggyback_request_body_bytes_in_flight (\S+)$", metrics, re.M).group(1))
+            if len(burst) + (held - 10) // len(IMAGE) >= 8:
+                break
+            assert time.monotonic() < deadline, (burst, held)
+            time.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         late = httpx.post(

@@ -258,7 +258,7 @@ def test_the_index_gives_unloaded_tasks_their_file_versions_without_reading_the_
         data = small_task(resnet18, name, seed=i).to_bytes()
         store.put(name, data)
         versions[name] = TaskFile.from_bytes(data).version  # a hash of the metadata, set on read
-    with app_client(store=tmp_path / "versions") as client:
+    with app_client(store=tmp_path / "versions", prefill=False) as client:  # the prefill would read files
         reads: list[str] = []
         head, get = FileSystemStore.head, FileSystemStore.map
         monkeypatch.setattr(FileSystemStore, "head", lambda self, n, v=None: reads.append(n) or head(self, n, v))

@@ -187,6 +187,9 @@ class LoadedTask:
     head_bias: Tensor = field(repr=False)
     norms: dict[str, NormParams] = field(repr=False)
     file: TaskFile = field(repr=False)
+    # how its images are prepared: its own, from training, or else the backbone's (the one place
+    # that rule is applied: serving, evaluation and the engine's normalisation read it here)
+    preprocessing: Preprocessing = field(repr=False)
     # the task's preprocessing mean and std, [1, 3, 1, 1] float32 on the device: uint8 images are
     # normalised there (made once per task, so a batch copies nothing small to the device)
     normalize: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
@@ -550,6 +553,7 @@ class Engine:
                 k: NormParams(*(t.to(self.device, self.dtype) for t in vars(p).values())) for k, p in task.norms.items()
             },
             file=file,
+            preprocessing=preprocessing,
             normalize=self._normalize_constants(preprocessing),
         )
         with self._lock:  # the swap and the old version's eviction are one step for _cache_put

@@ -114,7 +114,7 @@ def evaluate_task(
         lambda x: engine.run(loaded, x),
         root,
         labels=loaded.labels,
-        preprocessing=loaded.file.preprocessing or engine.backbone.preprocessing,
+        preprocessing=loaded.preprocessing,
         batch_size=batch_size,
         workers=workers,
     )

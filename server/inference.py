@@ -36,22 +36,17 @@ __all__ = ["ImageResult", "InferenceService"]
 class InferenceService:
     batcher: Batcher
     decoder: Executor
-    default_preprocessing: Preprocessing
     max_image_pixels: int
-
-    def preprocessing(self, task: LoadedTask) -> Preprocessing:
-        """How ``task``'s images are prepared: its own (from training) or the backbone's."""
-        return task.file.preprocessing or self.default_preprocessing
 
     def input_size(self, task: LoadedTask) -> int:
         """The side of the square images ``task`` takes (its crop size)."""
-        return self.preprocessing(task).crop_size
+        return task.preprocessing.crop_size
 
     async def classify(
         self, task: LoadedTask, images: Sequence[bytes], *, top_k: int, timeout_s: float | None = None
     ) -> list[ImageResult]:
         """Encoded images of one task: decoded, then queued together."""
-        pixels = await self._decode(self.preprocessing(task), images)
+        pixels = await self._decode(task.preprocessing, images)
         return await self.batcher.submit_many([(task, p) for p in pixels], top_k=top_k, timeout_s=timeout_s)
 
     async def classify_pixels(
@@ -66,10 +61,10 @@ class InferenceService:
         preprocessing among them); the results in the order of ``tasks``."""
         decoded: dict[Preprocessing, torch.Tensor] = {}
         for task in tasks:
-            p = self.preprocessing(task)
+            p = task.preprocessing
             if p not in decoded:
                 decoded[p] = (await self._decode(p, [image]))[0]
-        items = [(t, decoded[self.preprocessing(t)]) for t in tasks]
+        items = [(t, decoded[t.preprocessing]) for t in tasks]
         return await self.batcher.submit_many(items, top_k=top_k)
 
     def _prepare(self, preprocessing: Preprocessing, data: bytes) -> torch.Tensor:

@@ -61,7 +61,7 @@ bench-accuracy: $(STAMP)
 gpu-check: $(STAMP)  # on a GPU machine: tests/cuda, then benchmarks/results/gpu.md (at most 8 minutes on an H100/H200)
 	PY=$(BIN)/python bash scripts/gpu_check.sh
 
-cpu-check: $(STAMP)  # the CPU targets (packed vs OpenVINO, mixed cost, HTTP with wrk), met or not (~15 min; CPUS=0,1 to pin)
+cpu-check: $(STAMP)  # the CPU targets (packed vs OpenVINO, mixed cost, HTTP with wrk), met or not (~20 min; CPUS=0,1 to pin)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	PY=$(BIN)/python bash scripts/cpu_check.sh
 

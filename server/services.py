@@ -74,9 +74,7 @@ class Services:
     gpu_reserve: int = 0  # GPU bytes kept free beside a full cache (automatic budget on CUDA)
 
     def __post_init__(self) -> None:
-        self.inference = InferenceService(
-            self.batcher, self.decoder, self.backbone.preprocessing, self.settings.max_image_pixels
-        )
+        self.inference = InferenceService(self.batcher, self.decoder, self.settings.max_image_pixels)
         explicit = self.settings.model_control == "explicit"
         self.repository = ModelRepository(self.engine, self.registry, explicit=explicit, loaded=self.settings.pinned)
 
@@ -281,7 +279,7 @@ def build_services(
         queue_size=settings.queue_size,
         timeout_s=settings.request_timeout_s,
         cores=workers * torch.get_num_threads() if shared else 0,  # this runs on a worker: its threads
-        spread=device == "cpu" and workers > 1,
+        spread=settings.spread_batches and device == "cpu" and workers > 1,
     )
     batcher = Batcher(
         engine,

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         description="intra-op threads of each worker, fixed; default on a CPU: the batches in flight share the "
         "cores (a lone image gets them all, other batches cores // workers each)",
     )
+    spread_batches: bool = Field(
+        True,
+        description="on a CPU with several workers, split the requests in sight over the idle workers (batches "
+        "side by side) instead of one batch taking them all; false: every batch takes what it can",
+    )
     load_threads: int | None = Field(
         None,
         ge=1,

@@ -135,6 +135,11 @@ def test_several_workers_answer_a_burst_of_mixed_tasks_correctly(
             assert all(pool.map(one, range(40)))
 
 
+def test_spreading_batches_is_a_setting(app_client: AppFactory, store_of_five: Path) -> None:
+    with app_client(store=store_of_five, workers=2, spread_batches=False) as client:
+        assert client.app.state.services.batcher.policy.spread is False  # type: ignore[attr-defined]
+
+
 def test_ready_after_backbone_serves_at_once_and_loads_a_pending_task_on_its_first_request(
     app_client: AppFactory, store_of_five: Path, resnet18: Backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:

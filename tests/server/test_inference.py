@@ -108,6 +108,25 @@ def test_a_sticky_cuda_error_fails_liveness_so_that_the_process_is_restarted(
             assert r.status_code == 503 and "device is unusable" in r.text, path
 
 
+def test_a_lost_device_fails_grpc_readiness_and_liveness_as_rest_does(
+    app_client: AppFactory, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tgrpc = pytest.importorskip("tritonclient.grpc")
+    from tests.live import free_port
+
+    def lost(self: Batcher, reqs: list[Any]) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    port = free_port()
+    with app_client(store=store, grpc_port=port) as client:
+        grpc_client = tgrpc.InferenceServerClient(url=f"127.0.0.1:{port}")
+        assert grpc_client.is_server_ready() and grpc_client.is_server_live()
+        monkeypatch.setattr(Batcher, "device_part", lost)
+        assert client.post("/classify/a", content=encode("PNG"), headers=PNG).status_code == 500
+        assert not grpc_client.is_server_ready() and not grpc_client.is_server_live()
+        grpc_client.close()
+
+
 def test_results_reach_the_routes_as_host_data(app_client: AppFactory, store: Path) -> None:
     seen: list[Any] = []
     with app_client(store=store) as client:

@@ -2,7 +2,8 @@
 against a real ``piggyback serve``, next to the plain fp32 eager decode+forward loop in one run.
 
     python -m benchmarks.http [--arch resnet18] [--duration 15] [--tasks 1,512] [--clients 8,16]
-                              [--server-args "--workers 1" ...] [--name http-workers]
+                              [--server-args="--workers 1" --server-args=--no-spread-batches ...]
+                              [--name http-workers]
 
 For each task count and traffic (1 task; 512 tasks drawn uniformly or by Zipf, s = 1.0, from a
 fixed sequence), ``wrk`` keeps ``clients`` connections busy POSTing 500x375 JPEGs to

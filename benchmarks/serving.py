@@ -465,7 +465,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu} ({cpu_bf16_isa()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+    return (f"{cpu} ({cpu_bf16_isa()}), {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads{gpu}")  # fmt: skip
 
 

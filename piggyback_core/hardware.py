@@ -181,7 +181,7 @@ def auto_workers(device: torch.device | str, workers: int | None = None, threads
     among them: independent single-threaded workers beat one worker whose every operation is
     split across the cores at the small batches of mixed traffic (2 cores: 2 x 1 against 1 x 2,
     resnet18 bf16: 1.4-1.6x; fp32 1.1-1.3x). When ``threads`` is not given, the server's batcher
-    lends a lone image every core (server/batcher.py, ``BatchPolicy.cores``)."""
+    lends every core to a batch that is all the work there is (server/batcher.py, ``BatchPolicy.cores``)."""
     cores = physical_cores()
     if torch.device(device).type == "cuda":
         return workers or 1, threads or cores

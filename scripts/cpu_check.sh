@@ -14,10 +14,10 @@ if [ -n "${CPUS:-}" ]; then pin=(taskset -c "$CPUS"); fi
 grep -m1 "model name" /proc/cpuinfo
 "$PY" -c "from piggyback_core import cpu_bf16_isa; import torch; print('bf16:', cpu_bf16_isa(), '| torch', torch.__version__)"
 status=0
-"${pin[@]}" "$PY" -m benchmarks.packed --arch resnet50 --arch resnet18 || status=$?
-"${pin[@]}" "$PY" -m benchmarks.http --tasks 1,512 --clients 8,16 || status=$?
+${pin[@]+"${pin[@]}"} "$PY" -m benchmarks.packed --arch resnet50 --arch resnet18 || status=$?
+${pin[@]+"${pin[@]}"} "$PY" -m benchmarks.http --tasks 1,512 --clients 8,16 || status=$?
 # how the batcher's defaults fare on this chip against not spreading and against one worker
-"${pin[@]}" "$PY" -m benchmarks.http --tasks 1 --clients 1,4,8,16 --duration 10 --name http-workers \
-    --server-args "" --server-args "--no-spread-batches" --server-args "--workers 1" || status=$?
+${pin[@]+"${pin[@]}"} "$PY" -m benchmarks.http --tasks 1 --clients 1,4,8,16 --duration 10 --name http-workers \
+    --server-args= --server-args=--no-spread-batches --server-args="--workers 1" || status=$?
 "$PY" -m benchmarks.targets || status=$?
 exit $status

@@ -30,13 +30,14 @@ of 1), and the workers go out of phase, so that one computes while the other's c
 next requests. A backlog still makes full batches.
 
 **Cores** (``cores`` > 0: a CPU with several workers and automatic threads). The batches in flight
-share ``cores`` intra-op threads and never hold more: a lone image, with nothing else running,
-waiting or being decoded, gets all the free cores (it cannot be split: its latency halves), and
-any other batch ``cores // workers`` (independent single-threaded workers); a batch that would find
-too few free cores waits for a running one. Measured over HTTP with wrk on 2 cores (resnet18, one
-task; docs/performance.md): with spread, and with no dependency run in a thread pool, the server
-beats the rule before (a batch that started alone and took every waiting request got every core)
-by 1.37x at 2 clients, 1.16x at 4, 1.05x at 8 and 1.23x at 16.
+share ``cores`` intra-op threads and never hold more: a batch that is all the work there is (nothing
+else running, left waiting or being decoded: a lone image, the images of one request, or everything
+when not spreading) gets all the free cores, and any other batch ``cores // workers`` (independent
+single-threaded workers); a batch that would find too few free cores waits for a running one.
+Measured over HTTP with wrk on 2 cores (resnet18, one task; docs/performance.md): with spread, and
+with no dependency run in a thread pool, the server beats the rule before (a batch that started
+alone and took every waiting request got every core) by 1.37x at 2 clients, 1.16x at 4, 1.05x at 8
+and 1.23x at 16.
 
 **Arrivals.** A request whose body has been read and whose image is being decoded is *expected*
 (:meth:`Batcher.expect`). A batch that is not full waits for expected requests past ``max_wait``,
@@ -110,14 +111,19 @@ class BatchPolicy:
     cores: int = 0  # intra-op threads shared by the batches in flight (0: as the executor set them)
     spread: bool = False  # split the work in sight over the idle workers (a CPU: see batch_limit)
 
-    def threads_for(self, free: int, in_flight: int, waiting: int, expected: int = 0) -> int:
-        """Intra-op threads for the next batch, 0 if it must wait: all the free cores for a lone
-        image with nothing else running, waiting or being decoded (it cannot be split); else the
-        per-worker share, if free."""
-        if in_flight == 0 and waiting + expected <= 1:
+    @property
+    def share(self) -> int:
+        """Each worker's share of the cores: the threads a batch needs free to start."""
+        return max(1, self.cores // self.workers)
+
+    def threads_for(self, free: int, in_flight: int, left: int, expected: int = 0) -> int:
+        """Intra-op threads for a batch just taken, with ``left`` requests still waiting: all the
+        free cores when nothing else runs, waits or is being decoded (the batch is all the work
+        there is: a lone image, one request's images, or everything when not spreading); else the
+        per-worker share (0: too few cores free, the batch must wait)."""
+        if in_flight == 0 and left == 0 and expected == 0:
             return free
-        share = max(1, self.cores // self.workers)
-        return share if free >= share else 0
+        return self.share if free >= self.share else 0
 
     def batch_limit(self, in_flight: int, waiting: int, expected: int = 0) -> int:
         """How many requests the next batch takes: ``max_batch_size``, or, with ``spread`` and
@@ -352,14 +358,14 @@ class Batcher:
                         await asyncio.wait_for(self._wakeup.wait(), delay)
                     continue
             threads = 0
+            if self.policy.cores and self.policy.cores - self._threads_in_use < self.policy.share:
+                self._wakeup.clear()  # too few free cores: a running batch's end wakes us
+                await self._wakeup.wait()
+                continue
+            batch = self._take(limit)
             if self.policy.cores:
                 free = self.policy.cores - self._threads_in_use
                 threads = self.policy.threads_for(free, self._in_flight, self._pending, self._expected)
-                if threads == 0:  # too few free cores: a running batch's end wakes us
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-            batch = self._take(limit)
             if batch:
                 self._in_flight += 1
                 self._threads_in_use += threads

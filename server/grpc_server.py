@@ -300,7 +300,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> service_pb2.ModelReadyResponse:
         """Not an error for a model that is not served (Triton's answer): ``ready: false``."""
         try:
-            await oip.model(ready_services(self.state), request.name, request.version)
+            services = ready_services(self.state)
+            check_ready(services)
+            await oip.model(services, request.name, request.version)
         except (TaskNotFoundError, VersionNotFoundError, InvalidTaskNameError, NotReadyError):
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=True)

@@ -218,9 +218,15 @@ class TaskRegistry:
         self._reasons[name] = str(error)
         log.error("task %r in the store cannot be served: %s", name, error)
 
+    def _forget(self, name: str) -> None:
+        """Under the lock: ``name`` is no longer known to be servable."""
+        self._known.pop(name, None)
+        self._file_versions.pop(name, None)
+
     def file_version(self, name: str) -> str | None:
-        """The version inside servable task ``name``'s file, as its last check read it from its
-        header or file (no store access); None for a task that is not servable."""
+        """The version of servable task ``name`` as it is (or would be) served, from its last check
+        (no store access); None for a task that is not servable, or one stored under another name
+        than its file's until it is first read (its version changes with the name)."""
         return self._file_versions.get(name) if name in self._known else None
 
     def _known_outcome(self, name: str, outcome: TaskHeader | PiggybackError, listed: str) -> bool:
@@ -230,11 +236,14 @@ class TaskRegistry:
             return False  # deleted meanwhile; the next sync sees it gone
         if isinstance(outcome, PiggybackError):
             if name not in self._loaded:  # a loaded task keeps serving the version it has
-                self._known.pop(name, None)
+                self._forget(name)
             self._fail(name, listed, outcome)
             return False
+        if outcome.name == name:
+            self._file_versions[name] = outcome.version  # first: file_version reads without the lock
+        else:  # stored under another name: served renamed, whose version only its whole file gives
+            self._file_versions.pop(name, None)
         self._known[name] = listed
-        self._file_versions[name] = outcome.version
         self.failed.pop(name, None)
         self._reasons.pop(name, None)
         return True
@@ -324,10 +333,10 @@ class TaskRegistry:
                         continue  # registered, replaced or deleted meanwhile: what it is now wins
                     if isinstance(outcome, PiggybackError):
                         if isinstance(outcome, TaskNotFoundError):
-                            self._known.pop(name, None)  # gone from the store; the next sync agrees
+                            self._forget(name)  # gone from the store; the next sync agrees
                             flight.error = outcome
                             raise outcome
-                        self._known.pop(name, None)
+                        self._forget(name)
                         self._fail(name, version, outcome)
                         flight.error = TaskUnavailableError(task=name, reason=str(outcome))
                         raise flight.error from outcome
@@ -335,7 +344,7 @@ class TaskRegistry:
                     try:
                         loaded = self._serve(name, task_file, stored)
                     except Exception as exc:  # the engine could not take it (e.g. out of device memory)
-                        self._known.pop(name, None)
+                        self._forget(name)
                         self._fail(name, version, exc)
                         flight.error = TaskUnavailableError(task=name, reason=f"{type(exc).__name__}: {exc}")
                         raise flight.error from exc
@@ -375,8 +384,8 @@ class TaskRegistry:
         used loaded tasks go past the bound."""
         loaded = self.engine.add_task(task)
         self.loads += 1
+        self._file_versions[name] = task.version  # renamed to ``name``, as it is served
         self._known[name] = version
-        self._file_versions[name] = task.version
         self.failed.pop(name, None)
         self._reasons.pop(name, None)
         with self._lru_lock:
@@ -457,8 +466,7 @@ class TaskRegistry:
                     failed[name] = str(outcome)
             removed = [] if held else changes.removed
             for name in removed:
-                self._known.pop(name, None)
-                self._file_versions.pop(name, None)
+                self._forget(name)
                 self.failed.pop(name, None)
                 self._reasons.pop(name, None)
                 self._unload(name)
@@ -528,8 +536,7 @@ class TaskRegistry:
             except TaskNotFoundError:
                 if not known and not was_pending:
                     raise
-            self._known.pop(name, None)
-            self._file_versions.pop(name, None)
+            self._forget(name)
             self.failed.pop(name, None)
             self._reasons.pop(name, None)
             self._unload(name)

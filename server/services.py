@@ -269,7 +269,7 @@ def build_services(
             metrics.queue_seconds.observe(wait)
 
     # Automatic threads on a CPU with several workers: the batches in flight share the cores (a
-    # lone image gets them all, other batches run single-threaded side by side; batcher.py).
+    # batch that is all the work gets them all, others run single-threaded side by side; batcher.py).
     # Threads set by the operator stay fixed per worker.
     shared = device == "cpu" and settings.worker_threads is None and workers > 1
     policy = BatchPolicy(

@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="intra-op threads of each worker, fixed; default on a CPU: the batches in flight share the "
-        "cores (a lone image gets them all, other batches cores // workers each)",
+        "cores (a batch that is all the work gets them all, others cores // workers each)",
     )
     spread_batches: bool = Field(
         True,

@@ -218,6 +218,7 @@ async def version_config(
     summary="Model readiness",
 )
 async def model_ready(task: TaskName, services: ServicesDep) -> ModelReady:
+    check_ready(services)
     return ModelReady(name=(await oip.model(services, task, None)).name, ready=True)
 
 
@@ -228,6 +229,7 @@ async def model_ready(task: TaskName, services: ServicesDep) -> ModelReady:
     summary="Version readiness",
 )
 async def version_ready(task: TaskName, version: Version, services: ServicesDep) -> ModelReady:
+    check_ready(services)
     return ModelReady(name=(await oip.model(services, task, version)).name, ready=True)
 
 

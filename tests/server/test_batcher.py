@@ -187,14 +187,14 @@ def test_requests_submitted_together_stay_in_one_batch_whatever_the_spread_limit
     assert second == [] and batcher._pending == 0
 
 
-def test_the_core_budget_gives_a_lone_image_every_core_and_anything_more_single_threaded_batches() -> None:
+def test_the_core_budget_gives_a_batch_that_is_all_the_work_every_core_and_others_their_share() -> None:
     policy = BatchPolicy(max_batch_size=8, workers=2, cores=2)
-    assert policy.threads_for(free=2, in_flight=0, waiting=1) == 2  # alone, nothing else in sight
-    assert policy.threads_for(free=2, in_flight=0, waiting=1, expected=1) == 1  # another on the way
-    assert policy.threads_for(free=2, in_flight=0, waiting=8) == 1  # split over the idle workers
-    assert policy.threads_for(free=1, in_flight=1, waiting=1) == 1
-    assert policy.threads_for(free=0, in_flight=1, waiting=20) == 0  # wait for a running batch
-    assert BatchPolicy(max_batch_size=8, workers=4, cores=16).threads_for(free=8, in_flight=2, waiting=40) == 4
+    assert policy.threads_for(free=2, in_flight=0, left=0) == 2  # nothing else in sight
+    assert policy.threads_for(free=2, in_flight=0, left=0, expected=1) == 1  # another on the way
+    assert policy.threads_for(free=2, in_flight=0, left=4) == 1  # split: the rest goes beside it
+    assert policy.threads_for(free=1, in_flight=1, left=0) == 1
+    assert policy.threads_for(free=0, in_flight=1, left=20) == 0  # wait for a running batch
+    assert BatchPolicy(max_batch_size=8, workers=4, cores=16).threads_for(free=8, in_flight=2, left=40) == 4
 
 
 def test_the_work_in_sight_is_spread_over_the_idle_workers() -> None:
@@ -243,8 +243,19 @@ def test_batches_in_flight_never_hold_more_threads_than_the_cores(resnet18: Back
     asyncio.run(scenario(1))  # a lone image: every core
     assert seen == [(2, 2)]
     seen.clear()
+
+    async def one_request(images: int) -> None:
+        policy = BatchPolicy(max_batch_size=8, max_wait_s=0.001, queue_size=256, workers=2, cores=2, spread=True)
+        batcher = Batcher(engine, policy)
+        await batcher.start()
+        await batcher.submit_many([(engine.get_task("a"), image)] * images)
+        await batcher.stop()
+
+    asyncio.run(one_request(4))  # one request's images: one batch, all the work there is, every core
+    assert seen == [(2, 2)]
+    seen.clear()
     asyncio.run(scenario(3))  # split over the two idle workers, one core each, side by side
-    assert sorted(sizes[1:]) == [1, 2] and sorted(seen) == [(1, 1), (1, 2)]
+    assert sorted(sizes[2:]) == [1, 2] and sorted(seen) == [(1, 1), (1, 2)]
     seen.clear()
     asyncio.run(scenario(40))  # a backlog: single-threaded batches side by side, never over budget
     assert max(held for _, held in seen) <= 2

@@ -103,7 +103,7 @@ def test_a_sticky_cuda_error_fails_liveness_so_that_the_process_is_restarted(
     with app_client(store=store) as client:
         monkeypatch.setattr(Batcher, "device_part", lost)
         assert client.post("/classify/a", content=encode("PNG"), headers=PNG).status_code == 500
-        for path in ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready"):
+        for path in ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready", "/v2/models/a/ready"):
             r = client.get(path)
             assert r.status_code == 503 and "device is unusable" in r.text, path
 
@@ -120,10 +120,11 @@ def test_a_lost_device_fails_grpc_readiness_and_liveness_as_rest_does(
     port = free_port()
     with app_client(store=store, grpc_port=port) as client:
         grpc_client = tgrpc.InferenceServerClient(url=f"127.0.0.1:{port}")
-        assert grpc_client.is_server_ready() and grpc_client.is_server_live()
+        assert grpc_client.is_server_ready() and grpc_client.is_server_live() and grpc_client.is_model_ready("a")
         monkeypatch.setattr(Batcher, "device_part", lost)
         assert client.post("/classify/a", content=encode("PNG"), headers=PNG).status_code == 500
         assert not grpc_client.is_server_ready() and not grpc_client.is_server_live()
+        assert not grpc_client.is_model_ready("a")
         grpc_client.close()
 
 

@@ -272,6 +272,22 @@ def test_the_index_gives_unloaded_tasks_their_file_versions_without_reading_the_
         assert {e["name"]: e["version"] for e in index} == versions
 
 
+def test_a_file_stored_under_another_name_has_no_version_in_the_index_until_it_is_read(
+    app_client: AppFactory, resnet18: Backbone, tmp_path: Path
+) -> None:
+    data = small_task(resnet18, "birds", seed=4).to_bytes()  # trained as birds, stored as owls
+    store = FileSystemStore(tmp_path / "renamed")
+    store.put("owls", data)
+    store.put("aaa", small_task(resnet18, "aaa", seed=5).to_bytes())  # the first name: loaded for the warm-up
+    with app_client(store=tmp_path / "renamed", prefill=False) as client:
+        entry = client.post("/v2/repository/index").json()[1]
+        assert entry["name"] == "owls" and entry["state"] == "READY" and "version" not in entry
+        assert _in_process_classify(client, "owls") == 200
+        entry = client.post("/v2/repository/index").json()[1]
+        served = TaskFile.from_bytes(data).renamed("owls").version  # the version changes with the name
+        assert entry["version"] == served == client.get("/v2/models/owls").json()["versions"][0]
+
+
 def test_the_index_needs_the_classify_token_where_task_reads_do(app_client: AppFactory) -> None:
     with app_client(classify_token="reader-token") as client:
         assert client.post("/v2/repository/index").status_code == 401

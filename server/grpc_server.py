@@ -59,7 +59,7 @@ from .errors import (
     VersionNotFoundError,
 )
 from .metrics import Metrics
-from .repository import check_load_parameters, task_name
+from .repository import task_name
 from .settings import Settings
 from .transport import SANE_ID
 
@@ -273,10 +273,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         services = ready_services(self.state)
         with counted(self.metrics, "load"):
             task = task_name(request.model_name)
-            check_load_parameters(task, request.parameters.keys())
-            loop = asyncio.get_running_loop()
-            loaded = await loop.run_in_executor(services.management, services.repository.load, task)
-            await loop.run_in_executor(services.management, services.recheck_cache_budget)
+            loaded = await oip.load(services, task, request.parameters.keys())
         self.metrics.refresh_tasks(services.engine)
         log.info("task %r loaded over gRPC (version %s): weights built and pinned", task, loaded.version)
         return service_pb2.RepositoryModelLoadResponse()
@@ -288,7 +285,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         services = ready_services(self.state)
         with counted(self.metrics, "unload"):
             task = task_name(request.model_name)
-            await asyncio.get_running_loop().run_in_executor(services.management, services.repository.unload, task)
+            await oip.unload(services, task)
         log.info("task %r unloaded over gRPC: weights unpinned and evicted", task)
         return service_pb2.RepositoryModelUnloadResponse()
 

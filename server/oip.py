@@ -16,11 +16,12 @@ gRPC (``grpc_server.py``) share, so the two cannot disagree.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from piggyback_core import LoadedTask, Prediction
 
 from .errors import BadRequestError, VersionNotFoundError
 from .inference import ImageResult
+from .repository import check_load_parameters
 from .services import Services
 from .settings import Settings
 
@@ -122,6 +124,22 @@ async def model(services: Services, task: str, version: str | None) -> LoadedTas
     if version and version != loaded.version:
         raise VersionNotFoundError(task=task, version=version, served=loaded.version)
     return loaded
+
+
+async def load(services: Services, task: str, parameters: Iterable[str]) -> LoadedTask:
+    """The repository extension's load, for REST and gRPC: ``task`` (a name already checked)
+    fetched from the store, its weights built and pinned, on the management thread; the cache's
+    budget checked again (the task's masks took memory) and the task gauges refreshed."""
+    check_load_parameters(task, parameters)
+    loop = asyncio.get_running_loop()
+    loaded = await loop.run_in_executor(services.management, services.repository.load, task)
+    await loop.run_in_executor(services.management, services.recheck_cache_budget)
+    return loaded
+
+
+async def unload(services: Services, task: str) -> None:
+    """The repository extension's unload, for REST and gRPC: ``task``'s weights unpinned and evicted."""
+    await asyncio.get_running_loop().run_in_executor(services.management, services.repository.unload, task)
 
 
 def metadata(services: Services, task: LoadedTask) -> ModelMetadata:

@@ -22,16 +22,16 @@ Spec: triton-inference-server/server ``docs/protocol/extension_model_repository.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, Field, StrictBool, ValidationError
 
+from .. import oip
 from ..deps import ManagementAuth, MetricsDep, ReadAuth, ServicesDep, counted, read_body
 from ..errors import BadRequestError
-from ..repository import check_load_parameters, task_name
+from ..repository import task_name
 
 __all__ = ["router"]
 
@@ -109,10 +109,7 @@ async def load(name: ModelName, request: Request, services: ServicesDep, metrics
     with counted(metrics, "load"):
         task = task_name(name)
         body = await _parse(request, RepositoryModelRequest, "load request")
-        check_load_parameters(task, body.parameters)
-        loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(services.management, services.repository.load, task)
-        await loop.run_in_executor(services.management, services.recheck_cache_budget)
+        loaded = await oip.load(services, task, body.parameters)
     metrics.refresh_tasks(services.engine)
     log.info("task %r loaded (version %s): weights built and pinned", task, loaded.version)
     return Response(status_code=200)
@@ -130,6 +127,6 @@ async def unload(name: ModelName, request: Request, services: ServicesDep, metri
     with counted(metrics, "unload"):
         task = task_name(name)
         await _parse(request, RepositoryModelRequest, "unload request")  # unload_dependents: none to unload
-        await asyncio.get_running_loop().run_in_executor(services.management, services.repository.unload, task)
+        await oip.unload(services, task)
     log.info("task %r unloaded: weights unpinned and evicted", task)
     return Response(status_code=200)

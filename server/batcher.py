@@ -276,14 +276,20 @@ class Batcher:
         dropped (an expired one is answered with DeadlineExceededError)."""
         while queue:
             req = queue.popleft()
-            self._pending -= 1
-            if req.future.done():
-                continue  # its caller gave up
-            if req.deadline <= now:
-                req.future.set_exception(DeadlineExceededError(timeout_s=self.policy.timeout_s))
-                continue
-            return req
+            if self._still_live(req, now):
+                return req
         return None
+
+    def _still_live(self, req: _Request, now: float) -> bool:
+        """For a request just taken off its queue: whether it still has a caller (else its caller
+        gave up) and time left (else it is answered with DeadlineExceededError)."""
+        self._pending -= 1
+        if req.future.done():
+            return False
+        if req.deadline <= now:
+            req.future.set_exception(DeadlineExceededError(timeout_s=self.policy.timeout_s))
+            return False
+        return True
 
     def _take(self, limit: int | None = None) -> list[_Request]:
         """Up to ``limit`` (max_batch_size) live requests, by the affinity policy in the module
@@ -320,15 +326,10 @@ class Batcher:
                 if id(sibling) in taken or queue is None or sibling not in queue:
                     continue
                 queue.remove(sibling)
-                self._pending -= 1
                 taken.add(id(sibling))
-                if sibling.future.done():
-                    continue
-                if sibling.deadline <= now:
-                    sibling.future.set_exception(DeadlineExceededError(timeout_s=self.policy.timeout_s))
-                    continue
-                groups.setdefault(sibling.task.name, []).append(sibling)
-                room -= 1
+                if self._still_live(sibling, now):
+                    groups.setdefault(sibling.task.name, []).append(sibling)
+                    room -= 1
         # 4. passed over: first in the next batch
         self._deferred = {n for n in ranked if n not in groups and self._queues[n]}
         for name in [n for n, q in self._queues.items() if not q]:

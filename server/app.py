@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from piggyback_core import PiggybackError, __version__, auto_workers, dtype_name
 
-from .deps import STATUS_BY_ERROR, Auth, error_headers, error_response, is_internal, status_for
+from .deps import STATUS_BY_ERROR, Auth, error_reply, error_response
 from .metrics import Metrics
 from .routes import classify, console, ops, repository, tasks, v2
 from .services import Services, build_services, device_of
@@ -228,13 +228,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(PiggybackError)
     async def domain_error(request: Request, exc: PiggybackError) -> JSONResponse:
-        if request.url.path.startswith("/v2"):
-            return v2.error(exc)
-        status = status_for(exc)
-        if is_internal(status):
-            log.error("internal error on %s: %r", request.url.path, exc)
-            return error_response(status, "internal error")
-        return error_response(status, str(exc), error_headers(exc))
+        return error_reply(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

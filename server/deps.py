@@ -73,6 +73,7 @@ __all__ = [
     "check_alive_state",
     "check_bearer",
     "error_headers",
+    "error_reply",
     "error_response",
     "errors",
     "is_internal",
@@ -86,6 +87,7 @@ __all__ = [
     "track",
 ]
 
+log = logging.getLogger("piggyback.server")
 access_log = logging.getLogger("piggyback.access")
 
 # Domain errors to HTTP statuses, looked up along the exception's MRO (most specific first).
@@ -204,6 +206,21 @@ TaskName = Annotated[
 
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def error_reply(path: str, exc: PiggybackError) -> JSONResponse:
+    """A domain error answered on ``path`` (the app's handler, and the Ray replica's forwarding):
+    the Open Inference Protocol's shape under ``/v2``; an internal error says no more than that (its
+    message only logged)."""
+    if path.startswith("/v2"):
+        from .routes import v2  # the route module imports this one
+
+        return v2.error(exc)
+    status = status_for(exc)
+    if is_internal(status):
+        log.error("internal error on %s: %r", path, exc)
+        return error_response(status, "internal error")
+    return error_response(status, str(exc), error_headers(exc))
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

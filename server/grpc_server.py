@@ -360,8 +360,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             seen.status, seen.batch_size = 200, max(r.batch_size for r in results)
             return response
 
-    # the model repository (load and unload go through PUT/DELETE /tasks), statistics, shared
-    # memory, streaming, trace and log settings
+    # statistics, shared memory, streaming, trace and log settings
     ModelStatistics = _unimplemented("ModelStatistics")
     ModelStreamInfer = _unimplemented("ModelStreamInfer")
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")

@@ -25,17 +25,15 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
-from piggyback_core import TASK_NAME_PATTERN, EngineError, PiggybackError
+from piggyback_core import TASK_NAME_PATTERN, EngineError
 
 from .app import create_app
-from .deps import error_headers, error_response, read_body, status_for
+from .deps import check_alive_state, error_reply, read_body
 from .errors import NotReadyError
-from .routes import v2
 from .services import Services
 from .settings import Settings
 
@@ -120,17 +118,6 @@ async def forwarded(request: Request, settings: Settings) -> ForwardedRequest:
     )
 
 
-def error_reply(path: str, exc: PiggybackError) -> Response:
-    """``exc`` answered as the app answers it on ``path``."""
-    if path.startswith("/v2"):
-        return v2.error(exc)
-    status = status_for(exc)
-    if status >= 500 and status not in (503, 504):
-        return error_response(status, "internal error")
-    response: JSONResponse = error_response(status, str(exc), error_headers(exc))
-    return response
-
-
 @dataclass(eq=False)
 class TaskLease:
     """One task's built weights held on a replica (``pinned``: in the weight cache; False when
@@ -187,11 +174,7 @@ class ReplicaApp:
 
     def check_health(self) -> None:
         """NotReadyError once the replica cannot serve (a failed start, an unusable device)."""
-        if self.app.state.startup_error is not None:
-            raise NotReadyError(f"start-up failed: {self.app.state.startup_error}")
-        services = self.services
-        if services is not None and services.device_lost is not None:
-            raise NotReadyError(f"the device is unusable: {services.device_lost}")
+        check_alive_state(self.app.state)
 
     def serves(self, name: str) -> bool:
         """Whether ``name`` is a task this replica has (loaded, or loading in the background)."""

@@ -133,7 +133,8 @@ class TaskLease:
             return
         del self.replica.leases[self.name]
         services = self.replica.services
-        if self.pinned and services is not None:
+        # a task also pinned by its owners of record (pin_tasks, the repository API's load) stays
+        if self.pinned and services is not None and self.name not in services.repository.loaded:
             services.engine.unpin(self.name)
             services.engine.cache.evict(self.name)  # batches in flight keep their own reference
 

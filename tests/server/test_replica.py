@@ -153,6 +153,22 @@ def test_a_superseded_lease_releases_nothing_and_a_lease_is_released_once(store:
     run_replica(store, scenario, prefill=False)
 
 
+def test_releasing_a_lease_leaves_a_task_pinned_by_pin_tasks_or_the_repository_api_pinned(store: Path) -> None:
+    async def scenario(replica: ReplicaApp) -> None:
+        services = replica.services
+        assert services is not None
+        engine = services.engine
+        lease = await replica.lease("birds")  # pinned at start by pin_tasks
+        lease.release()
+        assert engine.residency("birds").pinned and engine.residency("birds").built_bytes > 0
+        lease = await replica.lease("flowers")
+        services.repository.load("flowers")  # loaded through /v2/repository while leased
+        lease.release()
+        assert engine.residency("flowers").pinned and engine.residency("flowers").built_bytes > 0
+
+    run_replica(store, scenario, prefill=False, pin_tasks="birds")
+
+
 def test_a_task_that_does_not_fit_is_leased_unpinned_and_still_served(store: Path) -> None:
     async def scenario(replica: ReplicaApp) -> tuple[bool, int]:
         lease = await replica.lease("flowers")
